@@ -13,6 +13,7 @@ One call (`_generate`) reads top to bottom:
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections import OrderedDict
@@ -263,14 +264,18 @@ class QZoomChatModel(BaseChatModel):
                 cache.crop(-extra)  # negative: drop that many tokens (the meaning in every transformers 5.x)
         self._prefix = None  # consumed: a failure below must not leave a half-updated cache behind
         suffix_blocks = [b for b, (s, _, _) in zip(blocks, spans) if s >= P]
-        enc = _encoder_outputs(suffix_blocks) if suffix_blocks else None
         dev = self.model.device
-        out = self.model.base(input_ids=ids[:, P:].to(dev), attention_mask=torch.ones_like(ids).to(dev),
-                              position_ids=pos[:, :, P:].to(dev), past_key_values=cache, use_cache=True,
-                              mm_encoder_outputs=enc, logits_to_keep=1)
+        x, mask, p = ids[:, P:].to(dev), torch.ones_like(ids).to(dev), pos[:, :, P:].to(dev)
+        if suffix_blocks and not _accepts_encoder_outputs(self.model.base):
+            logits, cache = _prefill_from_features(self.model, x, mask, p, cache, suffix_blocks)
+        else:
+            enc = {"mm_encoder_outputs": _encoder_outputs(suffix_blocks)} if suffix_blocks else {}
+            out = self.model.base(input_ids=x, attention_mask=mask, position_ids=p, past_key_values=cache,
+                                  use_cache=True, logits_to_keep=1, **enc)
+            logits, cache = out.logits[:, -1], out.past_key_values
         self._stats["reused_tokens"] += P
         self._stats["prefill_tokens"] += ids.shape[1] - P
-        return out.logits[:, -1], out.past_key_values, P
+        return logits, cache, P
 
     # ------------------------------------------------------------------------------------------- 6. decode
     def _decode(self, ids, pos, logits, cache, stop: list[str] | None):
@@ -363,6 +368,35 @@ def _image_spans(ids: torch.Tensor, image_token_id: int, entries: list) -> list[
             spans.append((start, i))
             start = None
     return [(s, e, entry.key()) for (s, e), entry in zip(spans, entries)]
+
+
+def _accepts_encoder_outputs(hf_model) -> bool:
+    """Whether the inner Qwen-VL model's forward takes precomputed vision features (`mm_encoder_outputs`): transformers
+    5.23 does; 5.17 does not and silently drops the unknown keyword (the images would never reach the LM)."""
+    return "mm_encoder_outputs" in inspect.signature(type(find_cores(hf_model)[0]).forward).parameters
+
+
+def _prefill_from_features(model, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
+                           blocks: list):
+    """The prefill the HF forward does with `mm_encoder_outputs`, for transformers without it (5.17): image pads'
+    embeddings replaced by the blocks' features, DeepStack levels (Qwen3-VL) handed to the language model, last
+    position's logits. Returns (logits (1, vocab), cache)."""
+    bb = model.backbone
+    core = find_cores(model.base)[0]
+    embeds = bb.embed(ids)
+    visual = ids == bb.image_token_id
+    feats = torch.cat([b.embeds for b in blocks]).to(embeds.device, embeds.dtype)
+    if int(visual.sum()) != feats.shape[0]:
+        raise ValueError(f"{int(visual.sum())} image tokens but {feats.shape[0]} visual features")
+    embeds = embeds.masked_scatter(visual[..., None].expand_as(embeds), feats)
+    deep = {}
+    if blocks[0].deepstack is not None:
+        deep = {"visual_pos_masks": visual,
+                "deepstack_visual_embeds": [torch.cat([b.deepstack[lv] for b in blocks]).to(embeds.device)
+                                            for lv in range(len(blocks[0].deepstack))]}
+    out = core.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=cache, use_cache=True, **deep)
+    return bb.logits(out.last_hidden_state[:, -1:])[:, -1], out.past_key_values
 
 
 def _encoder_outputs(blocks: list) -> dict:

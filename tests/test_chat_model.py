@@ -212,3 +212,45 @@ def test_tool_choice_none_hides_tools_and_invalid_calls_render_back(qz):
     text, _ = chat.render([*start(), bad, err], tools=None)
     assert "<tools>" not in text and '<tool_call>\n{"name": "zoom", "arg\n</tool_call>' in text
     assert "<tool_response>\nError: malformed\n</tool_response>" in text
+
+
+# ----------------------------------------------------------------------------------------------- vision features
+
+def test_images_reach_the_language_model(family_qz):
+    """The prefill feeds the images' features to the LM on every supported transformers (5.17's forward has no
+    `mm_encoder_outputs` and silently drops it): two different images give different first-step scores."""
+    _, qz = family_qz
+    scores = []
+    for img in (scene(640, 480), scene(640, 480, seed=1)):
+        rec = Recorder(ScriptedPolicy(qz.processor, ["<answer>A</answer>"]))
+        QZoomChatModel(model=qz, logits_processor=rec, max_new_tokens=3).invoke(start(img))
+        scores.append(rec.scores[0])
+    assert not torch.allclose(scores[0], scores[1], atol=1e-3)
+
+
+def test_prefill_from_features_equals_the_hf_forward(family_qz, monkeypatch):
+    """The prefill used where the HF forward lacks `mm_encoder_outputs` (transformers 5.17) gives the same scores
+    as the HF forward, also over a reused prefix with a new crop (on 5.17 both runs take that prefill)."""
+    import qzoom_agent.chat_model as cm
+
+    _, qz = family_qz
+    rig_score_map(monkeypatch, qz)
+
+    def run():
+        rec = Recorder(ScriptedPolicy(qz.processor, [call("zoom", query="tag"), "<answer>A</answer>"]))
+        llm = QZoomChatModel(model=qz, logits_processor=rec, max_new_tokens=80).bind_tools([make_zoom_tool(qz)])
+        messages = start(scene(640, 480))
+        ai = llm.invoke(messages)
+        ai2 = llm.invoke(tools_round(qz, [*messages, ai]))
+        return ai2.content, ai2.response_metadata["reused_prefix_tokens"], rec.scores
+
+    ref = run()
+    used = []
+    real = cm._prefill_from_features
+    monkeypatch.setattr(cm, "_accepts_encoder_outputs", lambda hf: False)
+    monkeypatch.setattr(cm, "_prefill_from_features", lambda *a: used.append(len(a[-1])) or real(*a))
+    got = run()
+    assert used == [1, 1]                              # turn 1: the global image; turn 2: only the new crop
+    assert got[:2] == ref[:2] and got[1] > 0 and len(got[2]) == len(ref[2])
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

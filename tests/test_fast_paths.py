@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import make_qzoom
+from qzoom_agent.backbones.base import cat_images
 from qzoom_agent.backbones.fast_vision import (fast_vision_installed, install_fast_vision, plan_chunks,
                                                uninstall_fast_vision, vision_attention_modules)
 from qzoom_agent.fast_decode import FastDecoder, disable_fast_paths, enable_fast_paths
@@ -36,8 +37,8 @@ def _vision(hf, grids, seed=0):
     pv = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * ps * ps, generator=g)
     with torch.no_grad():
         out = hf.model.get_image_features(pv, grid, return_dict=True)
-    ds = getattr(out, "deepstack_features", None)
-    return torch.cat(out.pooler_output), (torch.cat([torch.cat(d) for d in ds]) if ds else None)
+    ds = getattr(out, "deepstack_features", None)    # per-image tuples (transformers 5.23) or tensors (5.17)
+    return cat_images(out.pooler_output), (torch.cat([cat_images(d) for d in ds]) if ds else None)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

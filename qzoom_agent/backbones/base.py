@@ -64,6 +64,14 @@ class KVCache:
         return out
 
 
+def cat_images(features) -> torch.Tensor:
+    """One (N, d) tensor over all images from vision features given either as that tensor or split per image (a
+    tuple/list of (n_i, d)): transformers versions differ in which fields of `get_image_features` they split."""
+    if isinstance(features, torch.Tensor):
+        return features
+    return torch.cat(list(features), dim=0)
+
+
 def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, q_len, Lk) additive mask: causal over the last q_len columns, padding keys masked.
 
@@ -143,7 +151,7 @@ class Backbone:
         """Returns (embeds (N, d), deepstack list or None) for the concatenated images."""
         out = self.hf.model.get_image_features(pixel_values.to(self.device), grid_thw.to(self.device),
                                                return_dict=True)
-        return torch.cat(out.pooler_output, dim=0), None
+        return cat_images(out.pooler_output), None
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image], min_tokens: int, max_tokens: int) -> list[VisualBlock]:

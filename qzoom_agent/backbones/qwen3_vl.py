@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backbone
+from .base import Backbone, cat_images
+
+
+def vision_features(out) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(embeds (N, d), [per deepstack level (N, d)]) over all images from `get_image_features(..., return_dict=True)`.
+
+    The layout differs across transformers versions: 5.17 returns `pooler_output` split per image (a tuple) but each
+    `deepstack_features` level as one (N, d) tensor over all images; 5.23 splits both per image. Either is accepted.
+    """
+    return cat_images(out.pooler_output), [cat_images(level) for level in out.deepstack_features]
 
 
 class Qwen3VLBackbone(Backbone):
@@ -14,9 +23,7 @@ class Qwen3VLBackbone(Backbone):
     def _vision_forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
         out = self.hf.model.get_image_features(pixel_values.to(self.device), grid_thw.to(self.device),
                                                return_dict=True)
-        embeds = torch.cat(out.pooler_output, dim=0)
-        deepstack = [torch.cat(level, dim=0) for level in out.deepstack_features]
-        return embeds, deepstack
+        return vision_features(out)
 
     def _after_layer(self, hidden, layer_idx, deepstack):
         """deepstack = (visual_mask (B, L) bool, [per-layer (n_visual, d)]), rows in mask order."""
