@@ -513,8 +513,11 @@ def decode_check(model, args: LatencyArgs, side: int) -> dict:
     out = {"same_text": {k: v == texts["plain"] for k, v in texts.items() if k != "plain"},
            "errors": {k: v for k, v in texts.items() if v.startswith("error:")}}
     if len(logs["static"]) == len(logs["plain"]) > 0:
-        out["static_logits_rel_err_max"] = max(float((s - p).norm() / p.norm())
-                                               for s, p in zip(logs["static"], logs["plain"]))
+        errs = [float((s - p).norm() / p.norm()) for s, p in zip(logs["static"], logs["plain"])]
+        out["static_logits_rel_err_max"] = max(errs)
+        out["static_logits_rel_err_steps"] = [round(e, 5) for e in errs]
+        out["argmax_agree_steps"] = [bool((s.argmax(-1) == p.argmax(-1)).all())
+                                     for s, p in zip(logs["static"], logs["plain"])]
     return out
 
 

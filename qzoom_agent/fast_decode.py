@@ -18,6 +18,13 @@ value back to the host, so the step can be captured once as a CUDA graph per (ba
 the host checks "all rows done" every `check_every` steps. The output is cut at each row's first EOS, which
 gives exactly the plain loop's tokens (steps run after every row finished are discarded).
 
+Decode attention: with grouped KV heads (7B: 28 query heads over 4 KV heads) and a mask, transformers' sdpa path
+repeats K/V per query head before attending (`repeat_kv`), so a step reads and writes 2·G× the cache. While a
+step runs, the text attention uses `packed_gqa_attention` instead: the G query heads of one KV head are one
+(G, hd) query block, so K/V are read once (same math; rows are independent), in two batched GEMMs that spread
+the cache length over the GPU (an SDPA call with 7 query rows per head runs one tile per (row, KV head)).
+Other shapes go to sdpa unchanged. `decode_attention="packed_sdpa"` keeps one SDPA call; "sdpa" is stock.
+
 Modes: "static" (eager; the CPU path and the reference for the others), "graph" (torch.cuda.CUDAGraph capture
 of the step, CUDA only), "compile" (torch.compile(mode="reduce-overhead") of the step, CUDA only).
 max_len is rounded up to a multiple of `bucket` so that graphs are reused across prompts of similar length.
@@ -28,15 +35,64 @@ max_len is rounded up to a multiple of `bucket` so that graphs are reused across
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .backbones import KVCache
 from .backbones.fast_vision import install_fast_vision, uninstall_fast_vision
 from .errors import QZoomError
 
 MODES = ("static", "graph", "compile")
+DECODE_ATTENTIONS = {"packed_math": "qzoom_packed_gqa_math", "packed_sdpa": "qzoom_packed_gqa_sdpa"}
+
+
+def _packed_gqa(module, query, key, value, attention_mask, dropout, scaling, kwargs, kernel: str):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, H, Q, D = query.shape
+    KV = key.shape[1]
+    per_head_mask = attention_mask is not None and (attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1)
+    if Q != 1 or KV == H or H % KV or per_head_mask or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q = query.reshape(B, KV, H // KV, D)                                                  # (B, KV, G, hd)
+    scale = D ** -0.5 if scaling is None else scaling
+    if kernel == "sdpa":
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scale)
+    else:                            # two batched GEMMs: parallel over the cache length, unlike a 1-row SDPA tile
+        scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scale             # (B, KV, G, L), fp32
+        if attention_mask is not None:                                                     # as SDPA accumulates
+            scores = scores + attention_mask.float()
+        out = torch.matmul(scores.softmax(-1), value.float()).to(value.dtype)
+    return out.reshape(B, H, 1, D).transpose(1, 2).contiguous(), None
+
+
+def packed_gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention interface. query (B, H, 1, hd), key/value (B, KV, L, hd), mask (B, 1, 1, L) additive
+    → (B, 1, H, hd). Query head h uses KV head h // G (as `repeat_kv`), so the queries regroup as (B, KV, G, hd)
+    and attend to un-repeated K/V with explicit fp32 GEMMs and softmax. Anything else (prefill, MHA, per-head masks)
+    → transformers' sdpa."""
+    return _packed_gqa(module, query, key, value, attention_mask, dropout, scaling, kwargs, "math")
+
+
+def packed_gqa_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                              **kwargs) -> tuple[torch.Tensor, None]:
+    """As `packed_gqa_attention`, with one SDPA call on the regrouped queries instead of the two GEMMs."""
+    return _packed_gqa(module, query, key, value, attention_mask, dropout, scaling, kwargs, "sdpa")
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+
+    # looked up at call time, so tests can wrap the module-level functions
+    AttentionInterface.register(DECODE_ATTENTIONS["packed_math"], lambda *a, **k: packed_gqa_attention(*a, **k))
+    AttentionInterface.register(DECODE_ATTENTIONS["packed_sdpa"], lambda *a, **k: packed_gqa_sdpa_attention(*a, **k))
 
 
 class StaticKVCache:
@@ -87,7 +143,8 @@ class FastDecoder:
     """Static-cache greedy decoding for a `Backbone` (see the module docstring)."""
 
     def __init__(self, backbone, mode: str = "static", check_every: int = 4, bucket: int = 256,
-                 max_states: int = 4, record_logits: bool = False, merge_groups: bool = True) -> None:
+                 max_states: int = 4, record_logits: bool = False, merge_groups: bool = True,
+                 decode_attention: str = "packed_math") -> None:
         if mode not in MODES:
             raise QZoomError(f"decode mode must be one of {MODES}, got {mode!r}")
         if mode != "static" and backbone.device.type != "cuda":
@@ -99,6 +156,26 @@ class FastDecoder:
         self.logits_log: list[torch.Tensor] = []
         self.states: OrderedDict = OrderedDict()
         self.captures = 0                           # graphs captured so far (a capture costs warm-up + record)
+        if decode_attention not in ("sdpa", *DECODE_ATTENTIONS):
+            raise QZoomError(f"decode_attention must be 'sdpa' or one of {list(DECODE_ATTENTIONS)}, "
+                             f"got {decode_attention!r}")
+        self.decode_attention = decode_attention    # what decode steps attend with, on models set to sdpa
+        if decode_attention != "sdpa":
+            _register_decode_attention()
+
+    @contextmanager
+    def _decode_attention(self):
+        """Swap the text attention to the packed decode attention for the steps inside (only where it was sdpa)."""
+        cfg = self.bb.layers[0].self_attn.config
+        prev = cfg._attn_implementation
+        if self.decode_attention == "sdpa" or prev != "sdpa":
+            yield
+            return
+        cfg._attn_implementation = DECODE_ATTENTIONS[self.decode_attention]
+        try:
+            yield
+        finally:
+            cfg._attn_implementation = prev
 
     # ------------------------------------------------------------------------------------------ state
     def _state(self, batch: int, max_len: int, like: KVCache, dtype: torch.dtype) -> DecodeState:
@@ -190,7 +267,8 @@ class FastDecoder:
         max_len = -(-(L0 + max_new) // self.bucket) * self.bucket
         st = self._state(B, max_len, cache, h_last.dtype)
         if st.graph is None and self.mode != "static":
-            self._capture(st)
+            with self._decode_attention():
+                self._capture(st)
         st.cache.load(cache)
         dev = self.bb.device
         st.mask.fill_(torch.finfo(st.mask.dtype).min)
@@ -206,7 +284,8 @@ class FastDecoder:
         while steps < max_new:
             if (steps - 1) % self.check_every == 0 and bool(st.done.all()):
                 break
-            self._run_step(st)
+            with self._decode_attention():
+                self._run_step(st)
             steps += 1
         picked = st.tokens[:, :steps].tolist()
         eos = set(bb.eos_ids)

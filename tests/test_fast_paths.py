@@ -202,6 +202,64 @@ def test_enable_and_disable_fast_paths(tiny_models):
         FastDecoder(model.backbone, "graph")
 
 
+def test_packed_gqa_attention_equals_sdpa_with_repeated_kv():
+    """One query token per row, 12 query heads over 4 KV heads, padded additive mask: equals transformers' sdpa
+    (which repeats K/V); prefill shapes are handed to sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from qzoom_agent.fast_decode import packed_gqa_attention, packed_gqa_sdpa_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, L, D = 2, 12, 4, 40, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = H // KV, True
+    k, v = torch.randn(B, KV, L, D, generator=g), torch.randn(B, KV, L, D, generator=g)
+    mask = torch.zeros(B, 1, 1, L)
+    mask[0, ..., :5] = torch.finfo(torch.float32).min                       # left padding of row 0
+    mask[:, ..., 33:] = torch.finfo(torch.float32).min                      # columns not yet written
+    q = torch.randn(B, H, 1, D, generator=g)
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+    for fn in (packed_gqa_attention, packed_gqa_sdpa_attention):
+        out, _ = fn(module, q, k, v, mask, scaling=D ** -0.5)
+        assert out.shape == ref.shape == (B, 1, H, D)
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    q5 = torch.randn(B, H, 5, D, generator=g)
+    mask5 = torch.zeros(B, 1, 5, L)
+    torch.testing.assert_close(packed_gqa_attention(module, q5, k, v, mask5, scaling=0.25)[0],
+                               sdpa_attention_forward(module, q5, k, v, mask5, scaling=0.25)[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_steps_use_packed_gqa_on_sdpa_models(family, monkeypatch):
+    """On an sdpa model every decode step goes through packed_gqa_attention (counted), the answers and per-step
+    logits equal the plain loop's, and the model's attention setting is restored afterwards."""
+    import qzoom_agent.fast_decode as fd
+    from eval.bench_latency import make_images
+
+    model, probes = _bench_model(family, "cpu")
+    calls = []
+    real = fd.packed_gqa_attention
+    monkeypatch.setattr(fd, "packed_gqa_attention", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    images = make_images(2, model.backbone.cell_px * 16)
+
+    def run(decoder):
+        model.fast_decoder = decoder
+        try:
+            with _LogitsLog(model.backbone) as log:
+                out = probes.run(images, "qzoom", 64, [True, False])["answers"]
+        finally:
+            model.fast_decoder = None
+        return out, log.rows
+
+    plain, plain_logits = run(None)
+    packed, packed_logits = run(FastDecoder(model.backbone, "static", merge_groups=False))
+    L = model.backbone.num_layers
+    assert len(calls) == 2 * 6 * L and all(s[2] == 1 for s in calls)      # 2 groups × 6 steps × layers, q_len 1
+    assert model.backbone.layers[0].self_attn.config._attn_implementation == "sdpa"
+    assert [a.text for a in packed] == [a.text for a in plain]
+    torch.testing.assert_close(_per_row(packed_logits, 7), _per_row(plain_logits, 7), atol=1e-5, rtol=1e-5)
+
+
 def _bench_model(family, device, dtype="float32"):
     """A tiny model built the way eval/bench_latency.py builds the real shapes (no trl needed: the GPU image
     lacks it), with its forced-routing probes; no EOS, so every step is compared."""
@@ -261,3 +319,34 @@ def test_fast_vision_matches_stock_loop_on_gpu(family, dtype):
         uninstall_fast_vision(hf)
         err = float((out.float() - ref.float()).norm() / ref.float().norm())
         assert err < (1e-5 if dtype == "float32" else 1e-2), (grids, err)
+
+
+def test_padded_vision_mlp_and_fused_norm_match_stock():
+    """Qwen2.5-VL's vision MLP with an inner size that is not a multiple of 64 (3420 in the real model): the padded
+    gate+up / down copies give the stock output, follow in-place weight updates, and uninstall restores the class;
+    the fused RMSNorm equals the stock one."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP, Qwen2_5_VLVisionBlock
+
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLVisionConfig(hidden_size=48, intermediate_size=100, num_heads=4, hidden_act="silu")
+    block = Qwen2_5_VLVisionBlock(cfg)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    holder = torch.nn.Module()
+    holder.visual = torch.nn.Module()
+    holder.visual.block = block
+    x = torch.randn(37, 48)
+    with torch.no_grad():
+        ref_mlp, ref_norm = block.mlp(x), block.norm1(x)
+        install_fast_vision(holder)
+        assert type(block.mlp).__name__ == "FastQwen2_5_VLMLP" and type(block.norm1).__name__.startswith("Fast")
+        torch.testing.assert_close(block.mlp(x), ref_mlp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block.norm1(x), ref_norm, atol=1e-6, rtol=1e-6)
+        assert block.mlp._qzoom_pad[0].shape == (2 * 128, 48) and block.mlp._qzoom_pad[2].shape == (48, 128)
+        block.mlp.up_proj.weight.mul_(2.0)                       # in-place update: the copies must follow
+        fast2 = block.mlp(x)
+        uninstall_fast_vision(holder)
+        assert type(block.mlp) is Qwen2_5_VLMLP and not hasattr(block.mlp, "_qzoom_pad")
+        torch.testing.assert_close(fast2, block.mlp(x), atol=1e-5, rtol=1e-5)
+        assert (fast2 - ref_mlp).abs().max() > 1e-3
