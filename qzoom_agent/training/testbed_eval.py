@@ -153,6 +153,28 @@ def evaluate(model, tok, data, modes, *, batch: int = 32, device="cuda", system:
     return res
 
 
+def head_choice_scores(peaks: np.ndarray, argmaxes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GT-free head scores: (peakiness, agreement, z), each (layers, heads).
+
+    peaks: (N, layers, heads) max share of each head's visual-attention distribution (renormalised over the image
+    tokens). argmaxes: per sample (argmax (layers, heads), head-mean argmax per layer (layers,), grid (gh, gw)).
+    Agreement: share of the other layers whose head-mean argmax lies within one cell (Chebyshev) of this head's
+    argmax (with a single layer: that layer's own head-mean argmax). z = z-score(peakiness) + z-score(agreement).
+    """
+    n_l, n_h = peaks.shape[1:]
+    agree = np.zeros((len(argmaxes), n_l, n_h))
+    for n, (am, lm, (gh, gw)) in enumerate(argmaxes):
+        r, c = am // gw, am % gw
+        lr, lc = lm // gw, lm % gw
+        for l in range(n_l):
+            others = [k for k in range(n_l) if k != l] or [l]
+            close = (np.abs(r[l][:, None] - lr[others][None]) <= 1) & (np.abs(c[l][:, None] - lc[others][None]) <= 1)
+            agree[n, l] = close.mean(-1)
+    pk, ag = peaks.mean(0), agree.mean(0)
+    z = (pk - pk.mean()) / (pk.std() + 1e-9) + (ag - ag.mean()) / (ag.std() + 1e-9)
+    return pk, ag, z
+
+
 @torch.no_grad()
 def pointing(model, tok, data, *, batch: int = 32, device="cuda", system: bool = False):
     """Per layer/head hit rates of the answer→image attention argmax on coarse@256, and the GT-free head choice."""
@@ -198,18 +220,7 @@ def pointing(model, tok, data, *, batch: int = 32, device="cuda", system: bool =
     finally:
         model.set_attn_implementation(prev)
     hits = np.stack(hits).astype(float)          # (N, layers, heads)
-    peaks = np.stack(peaks)
-    n_l, n_h = hits.shape[1:]
-    agree = np.zeros((len(argmaxes), n_l, n_h))
-    for n, (am, lm, (gh, gw)) in enumerate(argmaxes):
-        r, c = am // gw, am % gw
-        lr, lc = lm // gw, lm % gw
-        for l in range(n_l):
-            others = [k for k in range(n_l) if k != l]
-            close = (np.abs(r[l][:, None] - lr[others][None]) <= 1) & (np.abs(c[l][:, None] - lc[others][None]) <= 1)
-            agree[n, l] = close.mean(-1)
-    pk, ag = peaks.mean(0), agree.mean(0)
-    z = (pk - pk.mean()) / (pk.std() + 1e-9) + (ag - ag.mean()) / (ag.std() + 1e-9)
+    pk, ag, z = head_choice_scores(np.stack(peaks), argmaxes)
     li, hi = np.unravel_index(np.argmax(z), z.shape)
     per_head = hits.mean(0)
     return dict(chance=round(100 * float(np.mean(inside_chance)), 2),
