@@ -216,3 +216,27 @@ def test_tool_end_to_end_and_reload(tmp_path, rng_image, monkeypatch):
     init.init_heads()
     assert any(not torch.equal(v, init.heads_state_dict()[k]) for k, v in m.heads_state_dict().items()
                if k.startswith("roi."))
+
+
+def test_synthhr_source_rerenders_from_its_id():
+    from qzoom_agent.training.rpn_train import parse_synthhr_id
+    from tools.make_gt_box_labels import gt_box_labels
+
+    assert parse_synthhr_id("synthhr-mini-test-attr-cue-00012") == {"scale": "mini", "split": "test",
+                                                                     "subset": "attr-cue", "index": 12}
+    # a 2-cell box on a 4 x 4 grid over a 112 px canvas: FG cells, a one-cell ignore ring, BG elsewhere
+    assert gt_box_labels([28, 28, 84, 56], 112, 112, (4, 4)) == [-100, -100, -100, -100,
+                                                                 -100, 1, 1, -100,
+                                                                 -100, -100, -100, -100,
+                                                                 0, 0, 0, 0]
+
+
+def test_gt_box_label_rows_load_as_training_samples(tmp_path):
+    from tools.make_gt_box_labels import main as make_labels
+
+    out = tmp_path / "gt.jsonl"
+    assert make_labels(["--subsets", "attr-cue", "--n", "1", "--budget", "64", "--out", str(out)]) == 1
+    sample = RPNDataset(read_label_rows(out))[0]
+    H, W = json.loads(out.read_text())["grid"]
+    assert sample["labels"].shape == (H, W) and (sample["labels"] == 1).any()
+    assert sample["image"].size == (1344, 1344) and len(sample["gt_box"]) == 4
