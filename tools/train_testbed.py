@@ -44,6 +44,12 @@ class TrainArgs:
     sheet_batch: int = 48
     sheet_share_qa: float = 0.2
     dense_weight_qa: float = 0.5
+    coarse_labels: bool = field(default=True, metadata={"help": "stage 6: dense shape / size / side heads on the "
+                                                               "glyph sheets (their accuracies log as acc_shape, "
+                                                               "acc_size, acc_side)"})
+    coarse_label_weight: float = 1.0        # weight of each of those three losses in the dense loss
+    sheet_landmarks: str = ""               # "lo,hi": large landmark shapes per sheet (empty: none, stage 1-5 sheets)
+    sheet_carrier_frac: float = 1.0         # < 1: fewer carriers per sheet, more room for shapes
     sheet_workers: int = 5
     qa_workers: int = 10
     detail_scale_start: float = 2.5
@@ -120,9 +126,9 @@ class Logger:
             self.f.flush()
 
 
-def build(args: TrainArgs, device):
+def build(args: TrainArgs, device, log=print):
     from qzoom_agent.testbed.model import TestbedArch, build_testbed, load_testbed_hf
-    from qzoom_agent.training.glyph_sheets import GLYPHS
+    from qzoom_agent.training.glyph_sheets import label_classes
     from qzoom_agent.training.testbed_model import DenseHeads
 
     if args.resume:
@@ -132,9 +138,16 @@ def build(args: TrainArgs, device):
         arch = TestbedArch(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, vit_hidden=32, vit_depth=2,
                            vit_heads=2, vit_ffn=64) if args.tiny else TestbedArch()
         model, processor = build_testbed(seed=args.seed, arch=arch)
-    heads = DenseHeads(model.config.text_config.hidden_size, len(GLYPHS) + 1)
+    nc = label_classes()
+    extra = dict(n_shape=nc["shape"], n_size=nc["size"], n_side=nc["side"]) if args.coarse_labels else {}
+    heads = DenseHeads(model.config.text_config.hidden_size, nc["glyph"], nc["count"], nc["color"], nc["kind"],
+                       **extra)
     if args.resume and (Path(args.resume) / "dense_heads.pt").exists():
-        heads.load_state_dict(torch.load(Path(args.resume) / "dense_heads.pt", map_location="cpu"))
+        state = torch.load(Path(args.resume) / "dense_heads.pt", map_location="cpu")
+        dropped = sorted({k.split(".")[1] for k in state if k.split(".")[1] not in heads.heads})
+        fresh = heads.load_partial({k: v for k, v in state.items() if k.split(".")[1] not in dropped})
+        log(f"dense heads from {args.resume}: loaded {sorted(set(heads.heads) - set(fresh))}; "
+            f"fresh (not in the checkpoint): {fresh or 'none'}; dropped (coarse_labels off): {dropped or 'none'}")
     return model.to(device), heads.to(device), processor
 
 
@@ -180,7 +193,8 @@ def main(argv=None):
     from qzoom_agent.training.testbed_streams import (QAMix, QAStream, SheetStream, TextMCStream, loader,
                                                       make_progress)
 
-    model, heads, processor = build(args, dev)
+    model, heads, processor = build(args, dev, log)
+    dense_w = {k: (args.coarse_label_weight if args.coarse_labels else 0.0) for k in ("shape", "size", "side")}
     tok = processor.tokenizer
     n_par = sum(p.numel() for p in model.parameters())
     log(f"model: {n_par / 1e6:.2f} M params on {dev}")
@@ -237,11 +251,13 @@ def main(argv=None):
         lab = {k: torch.from_numpy(np.concatenate([l[k].reshape(-1) for l in labs])).to(dev) for k in labs[0]}
         with torch.autocast(**amp):
             z = vision(model, ims)
-            loss, st = dense_loss(heads(z), lab)
+            loss, st = dense_loss(heads(z), lab, weights=dense_w)
         do_step(loss * weight)
         return float(loss), st
 
-    sheets = loader(SheetStream(args.seed * 1000 + int(prev_state.get("steps", 0)), args.sheet_batch),
+    lm = tuple(int(x) for x in args.sheet_landmarks.split(",")) if args.sheet_landmarks else (0, 0)
+    sheets = loader(SheetStream(args.seed * 1000 + int(prev_state.get("steps", 0)), args.sheet_batch,
+                                landmarks=lm, carrier_frac=args.sheet_carrier_frac),
                     args.sheet_workers if dev == "cuda" else 0)
     model.train()
     # ---------------------------------------------------------------- phase A: dense glyph sheets (ViT only)
@@ -260,7 +276,9 @@ def main(argv=None):
                 log(json.dumps(rec))
         g = ema.get("acc_glyph", 0.0)
         log(f"GO/NO-GO after dense phase: glyph token acc (EMA) {g:.3f} -> {'GO' if g >= 0.9 else 'NO-GO'} "
-            f"(bar 0.90); colour {ema.get('acc_color', 0):.3f}, count {ema.get('acc_count', 0):.3f}")
+            f"(bar 0.90); colour {ema.get('acc_color', 0):.3f}, count {ema.get('acc_count', 0):.3f}"
+            + (f"; shape {ema.get('acc_shape', 0):.3f}, size {ema.get('acc_size', 0):.3f}, "
+               f"side {ema.get('acc_side', 0):.3f}" if args.coarse_labels else ""))
     progress = make_progress()
     mix = QAMix(subsets=tuple(args.subsets.split(",")), weights=tuple(float(x) for x in args.subset_weights.split(",")),
                 mode_coarse=args.mode_coarse, mode_crop=args.mode_crop, mode_budget=args.mode_budget,

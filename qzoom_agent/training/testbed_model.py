@@ -34,21 +34,39 @@ def patchify(img: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int =
 
 
 class DenseHeads(nn.Module):
-    """Linear per-token classifiers on the merged visual tokens (glyph, dot count, colour, kind)."""
+    """Linear per-token classifiers on the merged visual tokens: glyph, dot count, colour, kind (stages 1-5) and,
+    with `n_shape` etc. > 0, the stage-6 `shape`, `size`, `side` labels of `glyph_sheets.coarse_labels`."""
 
-    def __init__(self, dim: int, n_glyph: int, n_count: int = 7, n_color: int = 11, n_kind: int = 6):
+    def __init__(self, dim: int, n_glyph: int, n_count: int = 7, n_color: int = 11, n_kind: int = 6,
+                 n_shape: int = 0, n_size: int = 0, n_side: int = 0):
         super().__init__()
-        self.heads = nn.ModuleDict({"glyph": nn.Linear(dim, n_glyph), "count": nn.Linear(dim, n_count),
-                                    "color": nn.Linear(dim, n_color), "kind": nn.Linear(dim, n_kind)})
+        sizes = dict(glyph=n_glyph, count=n_count, color=n_color, kind=n_kind, shape=n_shape, size=n_size,
+                     side=n_side)
+        self.heads = nn.ModuleDict({k: nn.Linear(dim, n) for k, n in sizes.items() if n > 0})
 
     def forward(self, z):
         return {k: h(z) for k, h in self.heads.items()}
 
+    def load_partial(self, state: dict) -> list[str]:
+        """Load a state dict that may lack some heads (e.g. the stage-4 `dense_heads.pt`, saved before the shape /
+        size / side heads existed): present heads are loaded, the others keep their fresh init. Returns the names of
+        the heads that start fresh. A head whose shape differs, or a key that is not ours, is an error."""
+        res = self.load_state_dict(state, strict=False)
+        if res.unexpected_keys:
+            raise KeyError(f"unexpected keys in dense heads state: {res.unexpected_keys}")
+        return sorted({k.split(".")[1] for k in res.missing_keys})
 
-def dense_loss(logits: dict, labels: dict, bg_weight: float = 0.2):
-    """Class-balanced CE: mean over labelled foreground cells + bg_weight · mean over background cells."""
+
+def dense_loss(logits: dict, labels: dict, bg_weight: float = 0.2, weights: dict | None = None):
+    """Class-balanced CE per label: mean over labelled foreground cells + bg_weight · mean over background cells;
+    the sum over labels, each times `weights.get(label, 1)` (a weight of 0 skips the label). Labels missing from
+    `labels` are skipped."""
     total, stats = 0.0, {}
+    weights = weights or {}
     for k, lg in logits.items():
+        w = float(weights.get(k, 1.0))
+        if k not in labels or w == 0.0:
+            continue
         y = labels[k]
         fg, bg = y > 0, y == 0
         loss = 0.0
@@ -57,7 +75,7 @@ def dense_loss(logits: dict, labels: dict, bg_weight: float = 0.2):
             stats[f"acc_{k}"] = (lg[fg].argmax(-1) == y[fg]).float().mean().item()
         if bg.any():
             loss = loss + bg_weight * F.cross_entropy(lg[bg].float(), y[bg])
-        total = total + loss
+        total = total + w * loss
     return total, stats
 
 

@@ -39,8 +39,12 @@ class QAMix:
 
 
 class SheetStream(torch.utils.data.IterableDataset):
-    def __init__(self, seed: int, batch: int = 48, font_px=(5, 44)):
+    """Batches of glyph sheets. `landmarks` / `carrier_frac` go to `render_sheet` (stage 6: large landmark shapes
+    and fewer carriers, for the `shape` / `size` / `side` labels); the defaults give the sheets of stages 1-5."""
+
+    def __init__(self, seed: int, batch: int = 48, font_px=(5, 44), landmarks=(0, 0), carrier_frac: float = 1.0):
         self.seed, self.batch, self.font_px = seed, batch, font_px
+        self.landmarks, self.carrier_frac = tuple(landmarks), carrier_frac
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -53,7 +57,8 @@ class SheetStream(torch.utils.data.IterableDataset):
             n = max(4, int(self.batch * 448 * 448 / (w * h)))
             imgs, labs = [], []
             for _ in range(n):
-                img, lab, _ = render_sheet(rng, w, h, font_px=self.font_px)
+                img, lab, _ = render_sheet(rng, w, h, font_px=self.font_px, landmarks=self.landmarks,
+                                          carrier_frac=self.carrier_frac)
                 imgs.append(img)
                 labs.append(lab)
             yield imgs, labs
