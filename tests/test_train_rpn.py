@@ -240,3 +240,24 @@ def test_gt_box_label_rows_load_as_training_samples(tmp_path):
     H, W = json.loads(out.read_text())["grid"]
     assert sample["labels"].shape == (H, W) and (sample["labels"] == 1).any()
     assert sample["image"].size == (1344, 1344) and len(sample["gt_box"]) == 4
+
+
+def test_rows_made_on_square_padded_views_train_on_the_same_view(tmp_path):
+    """A pseudo-label row made on a grey square-padded view (make_pseudo_labels' default) is trained on that same
+    view: the dataset pads the source the same way and shifts the GT box, so label cells line up with tokens."""
+    from PIL import Image
+
+    from qzoom_agent.training.pseudo_labels import label_row
+    from qzoom_agent.training.rpn_train import RPNDataset
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(path)
+    labels = torch.zeros(4, 4, dtype=torch.int8)
+    row = label_row("a", {"image": str(path), "gt_box": [10, 20, 50, 60]}, "q?", 16, labels, [(0, 0)], "last_prompt",
+                    1.0, view={"square_pad": True, "fill": 127})
+    sample = RPNDataset([row])[0]
+    assert sample["image"].size == (300, 300)
+    assert tuple(sample["gt_box"]) == (10, 70, 50, 110)
+    assert sample["image"].getpixel((5, 5)) == (127, 127, 127) and sample["image"].getpixel((150, 150)) == (10, 200, 30)
+    plain = RPNDataset([{k: v for k, v in row.items() if k != "view"}])[0]
+    assert plain["image"].size == (300, 200) and tuple(plain["gt_box"]) == (10, 20, 50, 60)

@@ -129,7 +129,8 @@ def label_items(qzoom, args, heads, params: pl.DenoiseParams, writer: pl.LabelWr
             labels = pl.denoise(m.attn_hw, m.sink_hw, m.pad_hw, params)
             peak = float(pl.clean_map(m.attn_hw, m.sink_hw, m.pad_hw, params).max())
             rows.append(pl.label_row(it["question_id"], {"synthhr": it["question_id"], "subset": it["subset"]},
-                                     it["question"], args.budget, labels, heads, args.query, peak))
+                                     it["question"], args.budget, labels, heads, args.query, peak,
+                                     view={"square_pad": bool(args.square_pad), "fill": 127}))
             gt = gt_box_cells(it, m.block.grid_hw, qzoom.backbone.cell_px, args.square_pad)
             if gt is not None:
                 hits[it["question_id"]] = pl.pointing_hits(m.head_hw, gt)

@@ -194,13 +194,17 @@ def pointing_hits(head_hw: torch.Tensor, gt_box_cells) -> list[bool]:
 # ------------------------------------------------------------------------------------------------ storage
 
 def label_row(sample_id: str, source: dict, question: str, budget: int, labels: torch.Tensor,
-              heads: list[tuple[int, int]], query: str, peak: float) -> dict:
-    """One jsonl row. labels: int8 (H, W) stored row-major as a list of ints."""
+              heads: list[tuple[int, int]], query: str, peak: float, view: dict | None = None) -> dict:
+    """One jsonl row. labels: int8 (H, W) stored row-major as a list of ints. `view` says how the source was
+    turned into the encoded image (e.g. {"square_pad": True, "fill": 127}), so a trainer can rebuild the same grid."""
     labels = torch.as_tensor(labels)
     H, W = labels.shape
-    return {"id": str(sample_id), "source": dict(source), "question": question, "budget": int(budget),
-            "grid": [int(H), int(W)], "labels": [int(v) for v in labels.reshape(-1).tolist()],
-            "teacher": {"heads": [[int(l), int(h)] for l, h in heads], "query": query}, "peak": float(peak)}
+    row = {"id": str(sample_id), "source": dict(source), "question": question, "budget": int(budget),
+           "grid": [int(H), int(W)], "labels": [int(v) for v in labels.reshape(-1).tolist()],
+           "teacher": {"heads": [[int(l), int(h)] for l, h in heads], "query": query}, "peak": float(peak)}
+    if view is not None:
+        row["view"] = dict(view)
+    return row
 
 
 def row_labels(row: dict) -> torch.Tensor:

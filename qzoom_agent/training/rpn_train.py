@@ -81,6 +81,20 @@ def load_source(source: dict):
     raise QZoomError(f"label source must hold 'image' or 'synthhr', got {sorted(source)}")
 
 
+def apply_view(image, gt_box, view: dict | None):
+    """The image the labels were made on: grey square padding when the row's `view` says so (pseudo labels at a
+    fixed square grid, method.md §3.1), the GT box shifted into the padded frame."""
+    if not view or not view.get("square_pad"):
+        return image, gt_box
+    from .teacher_attention import coarse_view
+
+    cv = coarse_view(image, True, int(view.get("fill", 127)))
+    if gt_box is not None:
+        x0, y0 = cv.box_px[:2]
+        gt_box = (gt_box[0] + x0, gt_box[1] + y0, gt_box[2] + x0, gt_box[3] + y0)
+    return cv.image, gt_box
+
+
 class RPNDataset(torch.utils.data.Dataset):
     """Label rows → {"id", "image" (PIL), "question", "budget", "labels" (H, W) long, "gt_box"}."""
 
@@ -93,6 +107,7 @@ class RPNDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
         image, gt_box = load_source(row["source"])
+        image, gt_box = apply_view(image, gt_box, row.get("view"))
         H, W = row["grid"]
         labels = torch.tensor(row["labels"], dtype=torch.long).view(H, W)
         return {"id": row["id"], "image": image, "question": row["question"], "budget": int(row["budget"]),
