@@ -139,7 +139,9 @@ def test_import_matches_source_heads_and_answers(tiny_models, rng_image, tmp_pat
     want = first_logits(src_model, image)
     assert want.zoomed and want.gate_prob > 0.5                 # both heads took part
     for got in (first_logits(model, image), first_logits(reloaded, image)):
-        assert torch.equal(got.first_logits, want.first_logits)
+        # weights are checked bit-exact above; logits of two loaded copies may differ in the last bits (CPU
+        # kernels pick vector paths by memory alignment): 6e-8 seen on the 2-core box
+        torch.testing.assert_close(got.first_logits, want.first_logits, atol=1e-6, rtol=1e-6)
         assert got.gate_prob == want.gate_prob and got.text == want.text
         assert [b.box for b in got.boxes] == [b.box for b in want.boxes]
 
@@ -160,7 +162,8 @@ def test_cli_with_yaml_config(tiny_models, rng_image, tmp_path):
     model = QZoomModel.from_pretrained(out, attn_implementation="eager")
     assert (model.config.min_visual_tokens, model.config.max_visual_tokens) == (16, 64)
     image = rng_image(300, 200, seed=5)
-    assert torch.equal(first_logits(model, image).first_logits, first_logits(src_model, image).first_logits)
+    torch.testing.assert_close(first_logits(model, image).first_logits, first_logits(src_model, image).first_logits,
+                               atol=1e-6, rtol=1e-6)
 
 
 def _bad_official(tiny_models, tmp_path, family="qwen2_5_vl", edit_heads=None, **config_changes):
@@ -229,4 +232,5 @@ def test_pruned_checkpoint_needs_fill_from(tiny_models, rng_image, tmp_path):
                                                attn_implementation="eager", **BUDGET)
     assert len(report.filled_from) == 2 * len(m.backbone.layers[0].state_dict())
     image = rng_image(300, 200, seed=1)
-    assert torch.equal(first_logits(model, image).first_logits, first_logits(m, image).first_logits)
+    torch.testing.assert_close(first_logits(model, image).first_logits, first_logits(m, image).first_logits,
+                               atol=1e-6, rtol=1e-6)
