@@ -6,11 +6,7 @@ GateHead logit at the last prompt token gets BCEWithLogits, labels −100 ignore
 """
 from __future__ import annotations
 
-import io
-import json
-import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,11 +14,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write_bytes
 from ..errors import QZoomError
 from ..fusion import build_sequence, pad_batch
 from ..heads import GateHead
 from .gate_labels import IGNORE, draw_label
+from .head_trainer import (JsonlLog, RunBudget, head_tensors, load_state_file, restore_rng, rng_state,
+                           save_state_file, warmup_cosine)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -116,29 +113,20 @@ class GateTrainConfig:
 
 def lr_at(step: int, cfg: GateTrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine to 0 at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return cfg.lr * warmup_cosine(step, cfg.max_steps, cfg.warmup_steps)
 
 
 def save_train_state(path: Path, model, opt, step: int, rng: random.Random, order: list[int]) -> None:
     """Gate weights, optimiser, step, the label/shuffle RNG and the pending epoch order, written atomically."""
-    buf = io.BytesIO()
-    torch.save({"gate": {k: v.detach().cpu() for k, v in model.gate_head.state_dict().items()},
-                "optimizer": opt.state_dict(), "step": step, "rng": rng.getstate(), "order": list(order),
-                "torch_rng": torch.get_rng_state()}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_state_file(path, {"gate": head_tensors(model.gate_head), "optimizer": opt.state_dict(), "step": step,
+                           "order": list(order), **rng_state(rng)})
 
 
 def load_train_state(path: Path, model, opt) -> tuple[int, random.Random, list[int]]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state_file(path)
     model.gate_head.load_state_dict(state["gate"])
     opt.load_state_dict(state["optimizer"])
-    rng = random.Random()
-    rng.setstate(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"]), rng, list(state["order"])
+    return int(state["step"]), restore_rng(state), list(state["order"])
 
 
 def train_gate(model, dataset: GateDataset, cfg: GateTrainConfig, out_dir: str | Path, *,
@@ -149,7 +137,7 @@ def train_gate(model, dataset: GateDataset, cfg: GateTrainConfig, out_dir: str |
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state_file, log_file = out_dir / "train_state.pt", out_dir / "train_log.jsonl"
+    state_file, train_log = out_dir / "train_state.pt", JsonlLog(out_dir / "train_log.jsonl", echo=log)
     params = freeze_all_but_gate(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, rng, order = 0, random.Random(cfg.seed), []
@@ -159,11 +147,9 @@ def train_gate(model, dataset: GateDataset, cfg: GateTrainConfig, out_dir: str |
     cuda = model.device.type == "cuda"
     model.eval()                                  # no dropout in the frozen trunk
     model.gate_head.train()
-    t0, last_loss, start = time.time(), None, step
+    budget, last_loss, start = RunBudget(cfg.max_minutes, cfg.stop_after_steps), None, step
     while step < cfg.max_steps:
-        if cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes:
-            break
-        if cfg.stop_after_steps > 0 and step - start >= cfg.stop_after_steps:
+        if budget.spent(step - start):
             break
         while len(order) < cfg.batch_size:
             order += rng.sample(range(len(dataset)), len(dataset))
@@ -185,10 +171,8 @@ def train_gate(model, dataset: GateDataset, cfg: GateTrainConfig, out_dir: str |
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             row = {"step": step, "loss": round(last_loss, 5), "lr": opt.param_groups[0]["lr"],
                    "grad_norm": round(grad_norm, 4), "pos_share": round(float((labels == 1).float().mean()), 3),
-                   "seconds": round(time.time() - t0, 1)}
-            with open(log_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            log(json.dumps(row))
+                   "seconds": round(budget.elapsed_s(), 1)}
+            train_log.write(row)
         if step % cfg.ckpt_every == 0:
             save_train_state(state_file, model, opt, step, rng, order)
     save_train_state(state_file, model, opt, step, rng, order)

@@ -16,7 +16,6 @@ resumes from them with the same step counter, optimiser moments and LR schedule.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 from ..errors import QZoomError
 from ..fusion import build_sequence, pad_batch
 from ..images import load_image
+from .head_trainer import (JsonlLog, RunBudget, has_state_dir, load_state_dir, save_state_dir, warmup_cosine,
+                           warmup_steps_of)
 
 IGNORE = -100
 CKPT_DIR = "checkpoint"
@@ -216,11 +217,7 @@ def assert_only_roi_head_trainable(model, check_grads: bool = False) -> None:
 # -------------------------------------------------------------------------------------------- schedule
 def cosine_with_warmup(step: int, total_steps: int, warmup_ratio: float) -> float:
     """LR multiplier: linear warm-up over ceil(warmup_ratio · total) steps, then cosine to 0 (HF's schedule)."""
-    warm = math.ceil(warmup_ratio * total_steps)
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total_steps - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, total_steps, warmup_steps_of(warmup_ratio, total_steps))
 
 
 @dataclass
@@ -269,29 +266,15 @@ class _StepSampler(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(model, optimizer, scheduler, step: int, path) -> None:
     """Atomic folder: roi_head.safetensors (the `roi.*` head tensors), optimizer.pt, trainer_state.json."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_directory
-
-    with atomic_directory(path) as tmp:
-        roi = {k: v.cpu() for k, v in model.heads_state_dict().items() if k.startswith("roi.")}
-        save_file(roi, str(tmp / "roi_head.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+    roi = {k: v for k, v in model.heads_state_dict().items() if k.startswith("roi.")}
+    save_state_dir(path, roi, "roi_head.safetensors", optimizer, scheduler, {"step": step})
 
 
 def load_checkpoint(model, optimizer, scheduler, path) -> int:
     """Restore head weights, optimiser and scheduler from `save_checkpoint`; returns the step to continue at."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    state = load_file(str(path / "roi_head.safetensors"))
-    head = {k[len("roi."):]: v for k, v in state.items()}
-    model.roi_head.load_state_dict(head, strict=True)
-    opt = torch.load(path / "optimizer.pt", map_location=model.device, weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    state, trainer = load_state_dir(path, "roi_head.safetensors", optimizer, scheduler, model.device)
+    model.roi_head.load_state_dict({k[len("roi."):]: v for k, v in state.items()}, strict=True)
+    return int(trainer["step"])
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -328,12 +311,6 @@ def roi_recall(model, items: list[dict], *, budget: int | None = None, cover: fl
 
 
 # ---------------------------------------------------------------------------------------------- train
-def _log(log_file, record: dict) -> None:
-    if log_file is not None:
-        with open(log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[dict] | None = None,
               eval_budget: int | None = None, progress: bool = True) -> dict:
     """Train the RoI head for cfg.steps (or until cfg.minutes), resuming from out_dir/checkpoint.
@@ -343,21 +320,21 @@ def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = out_dir / "train_log.jsonl"
+    log = JsonlLog(out_dir / "train_log.jsonl")
     params = freeze_all_but_roi_head(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_ratio))
     step = 0
     ckpt = out_dir / CKPT_DIR
-    if cfg.resume and (ckpt / "trainer_state.json").exists():
+    if cfg.resume and has_state_dir(ckpt):
         step = load_checkpoint(model, optimizer, scheduler, ckpt)
-        _log(log_file, {"event": "resume", "step": step})
+        log.write({"event": "resume", "step": step})
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_StepSampler(len(dataset), cfg, step),
                                          collate_fn=collate_rows, num_workers=cfg.num_workers)
     use_bf16 = model.device.type == "cuda"
     model.train()
-    t_start = time.perf_counter()
+    budget = RunBudget(minutes=cfg.minutes)
     last, last_eval, checked, saved = None, None, False, step
     bar = None
     if progress:
@@ -387,11 +364,11 @@ def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
-            _log(log_file, last)
+            log.write(last)
         if eval_items and cfg.eval_every and step % cfg.eval_every == 0:
             last_eval = {"step": step, "eval": roi_recall(model, eval_items, budget=eval_budget)}
-            _log(log_file, last_eval)
-        out_of_time = cfg.minutes > 0 and time.perf_counter() - t_start > 60 * cfg.minutes
+            log.write(last_eval)
+        out_of_time = budget.out_of_time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             save_checkpoint(model, optimizer, scheduler, step, ckpt)
             saved = step
@@ -403,6 +380,6 @@ def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[
         save_checkpoint(model, optimizer, scheduler, step, ckpt)
     if eval_items and (last_eval is None or last_eval["step"] != step):
         last_eval = {"step": step, "eval": roi_recall(model, eval_items, budget=eval_budget)}
-        _log(log_file, last_eval)
+        log.write(last_eval)
     return {"step": step, "done": step >= cfg.steps, "last": last, "eval": last_eval,
             "config": asdict(cfg)}
