@@ -36,11 +36,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import atomic_directory, atomic_write_text
+from ..checkpoint import atomic_write_text
 from ..errors import QZoomError
 from ..fusion import Batch, build_sequence, pad_batch
 from ..roi import RoI
-from .rpn_train import batch_indices, cosine_with_warmup
+from .head_trainer import (JsonlLog, RunBudget, has_state_dir, load_state_dir, save_state_dir, warmup_cosine,
+                           warmup_steps_of)
+from .rpn_train import batch_indices
 
 IGNORE = -100
 CKPT_DIR = "checkpoint"
@@ -313,21 +315,19 @@ class SFTTrainConfig:
     resume: bool = True
 
 
-def save_checkpoint(model, params, optimizer, scheduler, step: int, path) -> None:
-    """Atomic folder: trainable.safetensors (decoder layers + lm_head), optimizer.pt, trainer_state.json."""
-    from safetensors.torch import save_file
+TRAINABLE_FILE = "trainable.safetensors"
 
-    with atomic_directory(path) as tmp:
-        save_file({n: p.detach().cpu().contiguous() for n, p in params}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+
+def save_checkpoint(params, optimizer, scheduler, step: int, path) -> None:
+    """Atomic folder (head_trainer layout): trainable.safetensors (decoder layers + lm_head), optimizer.pt,
+    trainer_state.json."""
+    save_state_dir(path, {n: p.contiguous() for n, p in params}, TRAINABLE_FILE, optimizer, scheduler,
+                   {"step": step})
 
 
 def load_checkpoint(model, params, optimizer, scheduler, path) -> int:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    state = load_file(str(path / "trainable.safetensors"))
+    """Restore trainable weights, optimiser and scheduler; returns the step to continue at."""
+    state, trainer = load_state_dir(path, TRAINABLE_FILE, optimizer, scheduler, model.device)
     names = {n for n, _ in params}
     if set(state) != names:
         raise QZoomError(f"{path}: checkpoint tensors do not match the trainable parameters "
@@ -335,15 +335,7 @@ def load_checkpoint(model, params, optimizer, scheduler, path) -> int:
     with torch.no_grad():
         for n, p in params:
             p.copy_(state[n])
-    opt = torch.load(path / "optimizer.pt", map_location=model.device, weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return int(json.loads((path / "trainer_state.json").read_text())["step"])
-
-
-def _log(log_file: Path, record: dict) -> None:
-    with open(log_file, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    return int(trainer["step"])
 
 
 def train_targeted_sft(model, records: list[dict], cfg: SFTTrainConfig, out_dir, *,
@@ -358,26 +350,27 @@ def train_targeted_sft(model, records: list[dict], cfg: SFTTrainConfig, out_dir,
         raise QZoomError("boxes='online' needs the model's RoI head")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = out_dir / "train_log.jsonl"
+    log = JsonlLog(out_dir / "train_log.jsonl")
     params = sft_parameters(model)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, cfg.steps, cfg.warmup_ratio))
+        optimizer, lambda s: warmup_cosine(s, cfg.steps, warmup_steps_of(cfg.warmup_ratio, cfg.steps)))
     step, ckpt = 0, out_dir / CKPT_DIR
-    if cfg.resume and (ckpt / "trainer_state.json").exists():
+    if cfg.resume and has_state_dir(ckpt):
         step = load_checkpoint(model, params, optimizer, scheduler, ckpt)
-        _log(log_file, {"event": "resume", "step": step})
+        log.write({"event": "resume", "step": step})
     images: dict[int, object] = {}                       # rendered once per record
     cuda = model.device.type == "cuda"
     model.eval()                                         # no dropout; gradients still flow
-    t_start, start, saved, losses, last, checked = time.perf_counter(), step, step, [], None, False
+    budget = RunBudget(cfg.minutes, cfg.stop_after_steps)
+    start, saved, losses, last, checked = step, step, [], None, False
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="targeted-sft", leave=False)
     while step < cfg.steps:
-        if cfg.stop_after_steps and step - start >= cfg.stop_after_steps:
+        if budget.spent(step - start):
             break
         t0 = time.perf_counter()
         idx = batch_indices(len(records), cfg.batch_size, cfg.seed, step)
@@ -410,17 +403,17 @@ def train_targeted_sft(model, records: list[dict], cfg: SFTTrainConfig, out_dir,
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
         if step % cfg.log_every == 0 or step == cfg.steps:
-            _log(log_file, last)
-        out_of_time = cfg.minutes > 0 and time.perf_counter() - t_start > 60 * cfg.minutes
+            log.write(last)
+        out_of_time = budget.out_of_time()
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            save_checkpoint(model, params, optimizer, scheduler, step, ckpt)
+            save_checkpoint(params, optimizer, scheduler, step, ckpt)
             saved = step
         if out_of_time:
             break
     if bar is not None:
         bar.close()
     if saved != step:
-        save_checkpoint(model, params, optimizer, scheduler, step, ckpt)
+        save_checkpoint(params, optimizer, scheduler, step, ckpt)
     return {"step": step, "done": step >= cfg.steps, "losses": losses, "last": last, "config": asdict(cfg)}
 
 
