@@ -144,3 +144,19 @@ def test_testbed_config_parses_and_fits_the_device_plan():
     assert need["sft"] + need["gate_labels"] > args.max_minutes
     assert need["gate_labels"] + need["gate"] + need["eval"] > args.max_minutes
     assert args.eval_methods == tq.EVAL_METHODS
+
+
+def test_sft_stage_runs_the_real_tool_as_a_subprocess(chain, tiny, tmp_path):
+    """tools/targeted_sft.py on the tiny RPN model: nothing is mined (a random model is never right), which the
+    pipeline reports, and the later stages keep the RPN model."""
+    import shutil
+
+    out = tmp_path / "heads"
+    for stage in ("pseudo", "rpn"):
+        shutil.copytree(chain[0] / stage, out / stage)
+    res = tq.main(_argv(tiny, out, sft_tool="tools/targeted_sft.py", sft_subsets="attr-cue", sft_n_pool=1,
+                        sft_minutes=1.0, max_minutes=3.0, gate_labels_minutes=10.0))
+    assert res["ran"] == ["sft"] and res["status"] == "paused"
+    assert res["stages"]["sft"]["trained"] is False and any(r["event"] == "sft_not_trained" for r in _log(out))
+    assert _events(out)[-2] == ("stop", "gate_labels")
+    assert tq.stage_model(out, "gate_labels", tq.HeadsArgs()) == str(out / "rpn" / "model")

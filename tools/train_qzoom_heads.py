@@ -7,7 +7,8 @@ Stages, each in its own folder under --out_dir, in order:
   1. pseudo       tools/make_pseudo_labels.py   Stage-1 labels from the frozen model's attention  → pseudo/labels.jsonl
   2. rpn          tools/train_rpn.py            RoI head (SD-RPN twig)                           → rpn/model
   3. sft          tools/targeted_sft.py         Stage-2 targeted SFT of the LLM (a subprocess)    → sft/model
-                  skipped, with a log line, under --skip_sft or when the tool is missing
+                  skipped, with a log line, under --skip_sft or when the tool is missing; complete but
+                  untrained (logged; later stages keep the RPN model) when nothing is mined
   4. gate_labels  tools/make_gate_labels.py     answers at ascending budgets, consistency filter  → gate_labels/kept.jsonl
   5. gate         tools/train_gate.py           the dynamic gate                                  → gate/model
                   not trained, with a log line, when the filter kept no record (the stage is still complete)
@@ -202,10 +203,17 @@ def run_sft(args: HeadsArgs, out: Path, log: JsonlLog) -> dict:
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     if rc != 0:
         raise QZoomError(f"targeted SFT exited with status {rc}")
-    summary = out / "sft" / "summary.json"
-    done = json.loads(summary.read_text()).get("done", True) if summary.exists() else True
+    path = out / "sft" / "summary.json"
+    if not path.exists():
+        raise QZoomError(f"targeted SFT wrote no {path}")
+    summary = json.loads(path.read_text())
+    if summary.get("train") is None:            # nothing mined (base right & RoI wrong never happened)
+        log.write({"event": "sft_not_trained", "reason": "nothing mined; later stages use the RPN model",
+                   "mined": summary.get("mined")})
+        return {"complete": True, "trained": False, "mined": summary.get("mined")}
     has_model = (out / "sft" / "model" / "qzoom_config.json").exists()
-    return {"complete": bool(done and has_model), "summary": str(summary) if summary.exists() else None}
+    return {"complete": bool(summary["train"].get("done") and has_model), "trained": True,
+            "mined": summary.get("mined"), "step": summary["train"].get("step")}
 
 
 def run_gate_labels(args: HeadsArgs, out: Path, log: JsonlLog) -> dict:
