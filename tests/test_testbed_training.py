@@ -153,3 +153,38 @@ def test_mc_permuted_option_spans_and_gold(tiny):
         assert lines["ABCD".index(letter)].strip().endswith("M")
         seen.add(letter)
     assert len(seen) > 1                                                       # the letter moves
+
+
+def test_cached_greedy_answer_equals_recompute(tiny):
+    """The eval's KV-cached greedy decoding gives the same tokens as re-running the prefix every step, on a
+    right-padded batch of unequal prompts (coarse-only and global + crop rows), with and without an EOS hit."""
+    from qzoom_agent.training.testbed_model import greedy_answer
+
+    model, proc = tiny
+    model.eval()
+    rng = np.random.default_rng(3)
+    sb = SeqBuilder(proc.tokenizer)
+    seqs = []
+    for i in range(3):
+        canvas = rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)
+        images, slots, _ = make_views(rng, canvas, (200, 100, 230, 130), "crop" if i % 2 else "coarse",
+                                      budget=64, crop_max=64)
+        seqs.append(sb.build(images, slots, "What is the letter on the red tag?" + " please" * i, None,
+                             system=bool(i % 2)))
+    tok = proc.tokenizer
+    ids, mask, pos, _, images = collate(seqs, tok.convert_tokens_to_ids("<|endoftext|>"),
+                                        model.config.image_token_id, "cpu")
+    images = [torch.from_numpy(np.ascontiguousarray(im)) for im in images]
+    n_prompt = [s.n_prompt for s in seqs]
+    assert len(set(n_prompt)) == 3
+    ref_logits, got_logits = [], []
+    ref = greedy_answer(model, ids, mask, pos, images, n_prompt, max_new=6, use_cache=False, record=ref_logits)
+    got = greedy_answer(model, ids, mask, pos, images, n_prompt, max_new=6, record=got_logits)
+    assert got == ref and all(len(r) == 6 for r in ref)
+    assert len(got_logits) == len(ref_logits) == 6
+    for g, r in zip(got_logits, ref_logits):                  # positions and masks of every step, not just argmax
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    eos = ref[1][2]                                   # a token row 1 emits at step 3: it stops there
+    ref = greedy_answer(model, ids, mask, pos, images, n_prompt, max_new=6, eos_id=eos, use_cache=False)
+    got = greedy_answer(model, ids, mask, pos, images, n_prompt, max_new=6, eos_id=eos)
+    assert got == ref and len(ref[1]) < 6

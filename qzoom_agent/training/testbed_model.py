@@ -285,8 +285,52 @@ def qa_loss(model, hidden, labels):
 
 
 @torch.no_grad()
-def greedy_answer(model, ids, mask, pos, images, n_prompt: list[int], max_new: int = 12, eos_id: int | None = None):
-    """Greedy decode without KV cache (short answers): re-run the prefix each step. Returns token lists."""
+def greedy_answer(model, ids, mask, pos, images, n_prompt: list[int], max_new: int = 12, eos_id: int | None = None,
+                  use_cache: bool = True, record: list | None = None):
+    """Greedy answers of a right-padded prompt batch (ids (B, L), mask, pos (3, B, L), flat images). Returns the
+    new token lists (up to EOS). With `use_cache`, one prefill then one token per step over a KV cache (new tokens
+    sit after every row's padding, masked out, positions continuing each row's own); else the prefix is re-run
+    every step (the reference the cached path is tested against). `record`: a list that receives each step's
+    logits (B, vocab), for tests."""
+    if not use_cache:
+        return _greedy_answer_recompute(model, ids, mask, pos, images, n_prompt, max_new, eos_id, record)
+    B, dev = ids.shape[0], ids.device
+    L0 = max(n_prompt)
+    ids, mask, pos = ids[:, :L0], mask[:, :L0], pos[:, :, :L0]
+    check_positions(pos, ids, model.config.image_token_id)
+    lm, embed = model.model.language_model, model.model.get_input_embeddings()
+    emb = embed(ids)
+    z = vision(model, images)
+    img_mask = ids == model.config.image_token_id
+    emb = emb.masked_scatter(img_mask[..., None].expand_as(emb), z.to(emb.dtype))
+    out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
+    rows = torch.arange(B, device=dev)
+    last = torch.tensor(n_prompt, device=dev) - 1
+    h = out.last_hidden_state[rows, last]                                      # (B, d)
+    nxt_pos = pos[:, rows, last] + 1                                           # (3, B)
+    cache, outs, done = out.past_key_values, [[] for _ in range(B)], [False] * B
+    for step in range(max_new):
+        logits = model.lm_head(h)
+        if record is not None:
+            record.append(logits.float().cpu())
+        nxt = logits.argmax(-1)
+        for b, t in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if t == eos_id:
+                done[b] = True
+            else:
+                outs[b].append(t)
+        if all(done) or step == max_new - 1:
+            break
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)
+        out = lm(inputs_embeds=embed(nxt[:, None]), attention_mask=mask, position_ids=nxt_pos[:, :, None],
+                 past_key_values=cache, use_cache=True)
+        cache, h, nxt_pos = out.past_key_values, out.last_hidden_state[:, -1], nxt_pos + 1
+    return outs
+
+
+def _greedy_answer_recompute(model, ids, mask, pos, images, n_prompt, max_new, eos_id, record=None):
     B = ids.shape[0]
     z = vision(model, images)
     cur = [ids[b, :n_prompt[b]].tolist() for b in range(B)]
@@ -305,7 +349,10 @@ def greedy_answer(model, ids, mask, pos, images, n_prompt: list[int], max_new: i
             p[:, b, :n] = poss[b]
         h, _, _ = lm_forward(model, x, m, p, None, image_embeds=z)
         last = torch.tensor([len(c) - 1 for c in cur], device=ids.device)
-        nxt = model.lm_head(h[torch.arange(B), last]).argmax(-1).tolist()
+        logits = model.lm_head(h[torch.arange(B), last])
+        if record is not None:
+            record.append(logits.float().cpu())
+        nxt = logits.argmax(-1).tolist()
         for b in range(B):
             if done[b]:
                 continue
