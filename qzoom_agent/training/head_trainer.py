@@ -80,6 +80,43 @@ class RunBudget:
         return math.inf if self.minutes <= 0 else self.minutes - self.elapsed_s() / 60
 
 
+class StepChores:
+    """The per-step chores the RPN and SFT loops share, in their order: `record` (progress bar, log every
+    `log_every` steps and at the last), then `checkpoint` (every `ckpt_every` steps, at the last step or when the
+    budget's time is up; True means stop). `close` ends the bar and saves the final step unless already saved.
+    `save(step)` writes the trainer's own checkpoint."""
+
+    def __init__(self, *, total_steps: int, log_every: int, ckpt_every: int, log: JsonlLog, budget: RunBudget,
+                 save, start_step: int, desc: str, progress: bool = True) -> None:
+        self.total, self.log_every, self.ckpt_every = total_steps, log_every, ckpt_every
+        self.log, self.budget, self.save, self.saved = log, budget, save, start_step
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, leave=False)
+
+    def record(self, step: int, last: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if step % self.log_every == 0 or step == self.total:
+            self.log.write(last)
+
+    def checkpoint(self, step: int) -> bool:
+        out_of_time = self.budget.out_of_time()
+        if step % self.ckpt_every == 0 or step == self.total or out_of_time:
+            self.save(step)
+            self.saved = step
+        return out_of_time
+
+    def close(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.saved != step:
+            self.save(step)
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 def rng_state(rng: random.Random) -> dict:
     """The data-order RNG and torch's CPU RNG, to resume the same label draws and shuffles."""

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..errors import QZoomError
 from ..fusion import build_sequence, pad_batch
 from ..images import load_image
-from .head_trainer import (JsonlLog, RunBudget, has_state_dir, load_state_dir, save_state_dir, warmup_cosine,
-                           warmup_steps_of)
+from .head_trainer import (JsonlLog, RunBudget, StepChores, has_state_dir, load_state_dir, save_state_dir,
+                           warmup_cosine, warmup_steps_of)
 
 IGNORE = -100
 CKPT_DIR = "checkpoint"
@@ -335,12 +335,10 @@ def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[
     use_bf16 = model.device.type == "cuda"
     model.train()
     budget = RunBudget(minutes=cfg.minutes)
-    last, last_eval, checked, saved = None, None, False, step
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="rpn", leave=False)
+    last, last_eval, checked = None, None, False
+    chores = StepChores(total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, log=log,
+                        budget=budget, save=lambda st: save_checkpoint(model, optimizer, scheduler, st, ckpt),
+                        start_step=step, desc="rpn", progress=progress)
     for samples in loader:
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -360,24 +358,13 @@ def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[
             torch.cuda.synchronize()
         last = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": float(grad_norm),
                 "step_s": round(time.perf_counter() - t0, 4), **stats}
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(last)
+        chores.record(step, last)
         if eval_items and cfg.eval_every and step % cfg.eval_every == 0:
             last_eval = {"step": step, "eval": roi_recall(model, eval_items, budget=eval_budget)}
             log.write(last_eval)
-        out_of_time = budget.out_of_time()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            save_checkpoint(model, optimizer, scheduler, step, ckpt)
-            saved = step
-        if out_of_time:
+        if chores.checkpoint(step):
             break
-    if bar is not None:
-        bar.close()
-    if saved != step:
-        save_checkpoint(model, optimizer, scheduler, step, ckpt)
+    chores.close(step)
     if eval_items and (last_eval is None or last_eval["step"] != step):
         last_eval = {"step": step, "eval": roi_recall(model, eval_items, budget=eval_budget)}
         log.write(last_eval)

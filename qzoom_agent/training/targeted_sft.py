@@ -40,8 +40,8 @@ from ..checkpoint import atomic_write_text
 from ..errors import QZoomError
 from ..fusion import Batch, build_sequence, pad_batch
 from ..roi import RoI
-from .head_trainer import (JsonlLog, RunBudget, has_state_dir, load_state_dir, save_state_dir, warmup_cosine,
-                           warmup_steps_of)
+from .head_trainer import (JsonlLog, RunBudget, StepChores, has_state_dir, load_state_dir, save_state_dir,
+                           warmup_cosine, warmup_steps_of)
 from .rpn_train import batch_indices
 
 IGNORE = -100
@@ -363,12 +363,10 @@ def train_targeted_sft(model, records: list[dict], cfg: SFTTrainConfig, out_dir,
     cuda = model.device.type == "cuda"
     model.eval()                                         # no dropout; gradients still flow
     budget = RunBudget(cfg.minutes, cfg.stop_after_steps)
-    start, saved, losses, last, checked = step, step, [], None, False
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc="targeted-sft", leave=False)
+    start, losses, last, checked = step, [], None, False
+    chores = StepChores(total_steps=cfg.steps, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, log=log,
+                        budget=budget, save=lambda st: save_checkpoint(params, optimizer, scheduler, st, ckpt),
+                        start_step=step, desc="targeted-sft", progress=progress)
     while step < cfg.steps:
         if budget.spent(step - start):
             break
@@ -399,21 +397,10 @@ def train_targeted_sft(model, records: list[dict], cfg: SFTTrainConfig, out_dir,
         last = {"step": step, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm, "n_target": n_tok,
                 "n_roi": sum(fb.has_roi), "step_s": round(time.perf_counter() - t0, 4)}
         losses.append(last["loss"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(last)
-        out_of_time = budget.out_of_time()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            save_checkpoint(params, optimizer, scheduler, step, ckpt)
-            saved = step
-        if out_of_time:
+        chores.record(step, last)
+        if chores.checkpoint(step):
             break
-    if bar is not None:
-        bar.close()
-    if saved != step:
-        save_checkpoint(params, optimizer, scheduler, step, ckpt)
+    chores.close(step)
     return {"step": step, "done": step >= cfg.steps, "losses": losses, "last": last, "config": asdict(cfg)}
 
 
