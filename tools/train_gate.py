@@ -26,23 +26,24 @@ class GateArgs:
     out_dir: str = "runs/gate/train"
     model: str = field(default="", metadata={"help": "QZoomModel folder; empty: the shipped testbed"})
     device: str = ""
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_steps: int = 300
-    batch_size: int = 16
-    clip_norm: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 50
-    max_minutes: float = 6.0                  # whole run, rendering included (<= 0: no limit)
-    stop_after_steps: int = 0                 # > 0: stop this call after that many steps (resume later)
     render_workers: int = 8
     eval_subsets: str = "coarse,attr-cue,attr-search,rel-lr,doc-code,doc-table"
     eval_split: str = "test"
     eval_n_per_subset: int = 32
     eval_budget: int = 256
     gate_thresh: float = 0.0                  # > 0: override the config's gate_thresh
+
+
+def _train_config_type():
+    """GateTrainConfig with this tool's defaults; its max_minutes covers the whole run, rendering included."""
+    from qzoom_agent.training.gate_train import GateTrainConfig
+
+    @dataclass
+    class ToolGateTrainConfig(GateTrainConfig):
+        max_steps: int = 300
+        max_minutes: float = field(default=6.0, metadata={"help": "whole run, rendering included (<= 0: no limit)"})
+
+    return ToolGateTrainConfig
 
 
 def main(argv=None) -> dict:
@@ -55,7 +56,7 @@ def main(argv=None) -> dict:
     from qzoom_agent.training import gate_labels as gl
     from qzoom_agent.training import gate_train as gt
 
-    args = parse_args(GateArgs, argv=argv)
+    args, train_cfg = parse_args(GateArgs, _train_config_type(), argv=argv)
     t0 = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out_dir)
@@ -73,21 +74,17 @@ def main(argv=None) -> dict:
     images = {it["question_id"]: Image.fromarray(c) for it, c in gl.synthhr_items(
         meta["subsets"], meta["n_per_subset"], meta["split"], workers=args.render_workers, ids=ids)}
     print(f"{len(kept)} kept records, images rendered ({time.time() - t0:.0f}s)", flush=True)
-    cfg = gt.GateTrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                             max_steps=args.max_steps, batch_size=args.batch_size, clip_norm=args.clip_norm,
-                             seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
-                             stop_after_steps=args.stop_after_steps,
-                             max_minutes=0.0 if args.max_minutes <= 0 else
-                             max(1e-6, args.max_minutes - (time.time() - t0) / 60))
+    left = 0.0 if train_cfg.max_minutes <= 0 else max(1e-6, train_cfg.max_minutes - (time.time() - t0) / 60)
+    cfg = gt.GateTrainConfig(**{**asdict(train_cfg), "max_minutes": left})
     result = gt.train_gate(model, gt.GateDataset(kept, images.__getitem__), cfg, out)
     model.save_pretrained(out / "model")
-    report = {"train": result, "args": asdict(args)}
+    report = {"train": result, "args": {**asdict(args), **asdict(train_cfg)}}
     if result["done"] and args.eval_n_per_subset > 0:
         held = gl.synthhr_items([s for s in args.eval_subsets.split(",") if s], args.eval_n_per_subset,
                                 args.eval_split, workers=args.render_workers)
         prompts = [gl.synthhr_target(it)[0] for it, _ in held]
         probs = gt.gate_probs(model, [Image.fromarray(c) for _, c in held], prompts, args.eval_budget,
-                              batch_size=args.batch_size)
+                              batch_size=train_cfg.batch_size)
         report["eval"] = gt.gate_report(probs, [it["subset"] for it, _ in held],
                                         [it.get(f"needs_hr@{args.eval_budget}") for it, _ in held],
                                         model.config.gate_thresh)
