@@ -456,6 +456,21 @@ def measure_bandwidth(device: torch.device) -> dict:
             "matmul_dtype": str(a.dtype)}
 
 
+def random_vit_input(model, side: int, min_tokens: int, max_tokens: int, seed: int | None = None):
+    """(pixel rows (n_patches, 3·2·ps²) on the model's device and dtype, grid (1, 3)) of one random square image of
+    `side` px resized to [min_tokens, max_tokens]; `seed` draws the pixels on the CPU, so they repeat across
+    models and dtypes."""
+    bb = model.backbone
+    gh, gw = (2 * x // bb.cell_px for x in bb.resized_hw((side, side), min_tokens, max_tokens))
+    ps = model.base.config.vision_config.patch_size
+    shape = (gh * gw, 3 * 2 * ps * ps)
+    if seed is None:
+        pv = torch.randn(shape, device=model.device, dtype=bb.dtype)
+    else:
+        pv = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(model.device, bb.dtype)
+    return pv, torch.tensor([[1, gh, gw]])
+
+
 @torch.no_grad()
 def vit_check(model, args: LatencyArgs, side: int) -> list[dict]:
     """ViT alone per budget, one image: transformers' per-chunk loop vs grouped SDPA, and
@@ -463,11 +478,9 @@ def vit_check(model, args: LatencyArgs, side: int) -> list[dict]:
     from qzoom_agent.backbones.fast_vision import install_fast_vision, uninstall_fast_vision
 
     bb, clock, out = model.backbone, Clock(model.device), []
-    ps = model.base.config.vision_config.patch_size
     for N in _ints(args.base_budgets):
-        gh, gw = (2 * x // bb.cell_px for x in bb.resized_hw((side, side), min(args.min_tokens, N), N))
-        grid = torch.tensor([[1, gh, gw]])
-        pv = torch.randn(gh * gw, 3 * 2 * ps * ps, device=model.device, dtype=bb.dtype)
+        pv, grid = random_vit_input(model, side, min(args.min_tokens, N), N)
+        gh, gw = grid[0, 1:].tolist()
         res = {}
         for fast in (False, True):
             (install_fast_vision if fast else uninstall_fast_vision)(model.base)

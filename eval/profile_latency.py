@@ -21,7 +21,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.bench_latency import QUESTION, LatencyArgs, _ints, build_model, make_images  # noqa: E402
+from eval.bench_latency import (QUESTION, LatencyArgs, _ints, build_model, make_images,  # noqa: E402
+                                random_vit_input)
 from qzoom_agent.checkpoint import atomic_write_text  # noqa: E402
 
 
@@ -54,12 +55,10 @@ def vit_profile(model, args: ProfileArgs) -> dict:
     from qzoom_agent.backbones.fast_vision import install_fast_vision, uninstall_fast_vision
 
     bb, dev = model.backbone, model.device
-    side = int(bb.cell_px * args.vit_tokens ** 0.5)
-    gh, gw = (2 * x // bb.cell_px for x in bb.resized_hw((side, side), min(256, args.vit_tokens), args.vit_tokens))
-    ps = model.base.config.vision_config.patch_size
-    pv = torch.randn(gh * gw, 3 * 2 * ps * ps, device=dev, dtype=bb.dtype)
-    grid = torch.tensor([[1, gh, gw]])
-    out = {"tokens": gh * gw // 4, "patches": gh * gw}
+    pv, grid = random_vit_input(model, int(bb.cell_px * args.vit_tokens ** 0.5), min(256, args.vit_tokens),
+                                args.vit_tokens)
+    patches = int(grid.prod())
+    out = {"tokens": patches // 4, "patches": patches}
     for fast in (False, True):
         (install_fast_vision if fast else uninstall_fast_vision)(model.base)
         for _ in range(2):

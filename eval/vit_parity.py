@@ -16,7 +16,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.bench_latency import LatencyArgs, build_model  # noqa: E402
+from eval.bench_latency import LatencyArgs, build_model, random_vit_input  # noqa: E402
 from qzoom_agent.checkpoint import atomic_write_text  # noqa: E402
 
 
@@ -30,20 +30,15 @@ class ParityArgs:
 
 
 @torch.no_grad()
-def vision_outputs(arch: str, tokens: int, dtype: str, device: torch.device, pixels: torch.Tensor | None):
-    """(stock, fast, pixels) vision-tower outputs (n_tokens, d) in fp32 for one square image of `tokens` tokens."""
+def vision_outputs(arch: str, tokens: int, dtype: str, device: torch.device):
+    """(stock, fast) vision-tower outputs (n_tokens, d) in fp32 for one square random image of `tokens` tokens;
+    the pixels are drawn from a fixed CPU seed, so every call sees the same image."""
     from qzoom_agent.backbones.fast_vision import install_fast_vision, uninstall_fast_vision
 
     model = build_model(arch, LatencyArgs(dtype=dtype, min_tokens=min(256, tokens), source_tokens=tokens), device)
     model.base.model.language_model.to("meta")            # only the vision tower is needed
     bb = model.backbone
-    side = int(bb.cell_px * tokens ** 0.5)
-    gh, gw = (2 * x // bb.cell_px for x in bb.resized_hw((side, side), min(256, tokens), tokens))
-    ps = model.base.config.vision_config.patch_size
-    if pixels is None:
-        pixels = torch.randn(gh * gw, 3 * 2 * ps * ps, generator=torch.Generator().manual_seed(0))
-    pv = pixels.to(device, bb.dtype)
-    grid = torch.tensor([[1, gh, gw]])
+    pv, grid = random_vit_input(model, int(bb.cell_px * tokens ** 0.5), min(256, tokens), tokens, seed=0)
     stock = bb._vision_forward(pv, grid)[0].float()
     install_fast_vision(model.base)
     fast = bb._vision_forward(pv, grid)[0].float()
@@ -51,7 +46,7 @@ def vision_outputs(arch: str, tokens: int, dtype: str, device: torch.device, pix
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return stock, fast, pixels
+    return stock, fast
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(ParityArgs, argv=argv)
     dev = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     rel = lambda a, b: float((a - b).norm() / b.norm())                       # noqa: E731
-    s32, f32, px = vision_outputs(args.arch, args.tokens, "float32", dev, None)
-    s16, f16, _ = vision_outputs(args.arch, args.tokens, "bfloat16", dev, px)
+    s32, f32 = vision_outputs(args.arch, args.tokens, "float32", dev)
+    s16, f16 = vision_outputs(args.arch, args.tokens, "bfloat16", dev)
     res = {"arch": args.arch, "tokens": args.tokens, "device": torch.cuda.get_device_name() if dev.type == "cuda"
            else "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
            "date": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()), "args": asdict(args),
