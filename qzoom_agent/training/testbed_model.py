@@ -258,14 +258,20 @@ def option_losses(model, x_in, pos, mask, seqs, layer_idx: int, head: int, tap_m
     return l_att, l_let, mass.detach().mean()
 
 
-def lm_forward(model, ids, mask, pos, images, *, image_embeds=None, output_attentions=False):
-    """Hidden states (B, L, d) of the language model with explicit 3-D positions; returns (hidden, z, attn)."""
+def embed_with_images(model, ids, pos, z):
+    """Token embeddings (B, L, d) with the visual tokens' rows replaced by z (n_visual, d), in order; checks the
+    3-D positions and that z has one row per image token."""
     check_positions(pos, ids, model.config.image_token_id)
     emb = model.model.get_input_embeddings()(ids)
-    z = image_embeds if image_embeds is not None else vision(model, images)
     img_mask = (ids == model.config.image_token_id)
     assert int(img_mask.sum()) == z.shape[0], (int(img_mask.sum()), z.shape)
-    emb = emb.masked_scatter(img_mask[..., None].expand_as(emb), z.to(emb.dtype))
+    return emb.masked_scatter(img_mask[..., None].expand_as(emb), z.to(emb.dtype))
+
+
+def lm_forward(model, ids, mask, pos, images, *, image_embeds=None, output_attentions=False):
+    """Hidden states (B, L, d) of the language model with explicit 3-D positions; returns (hidden, z, attn)."""
+    z = image_embeds if image_embeds is not None else vision(model, images)
+    emb = embed_with_images(model, ids, pos, z)
     out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos,
                                      output_attentions=output_attentions, use_cache=False)
     return out.last_hidden_state, z, getattr(out, "attentions", None)
@@ -297,12 +303,8 @@ def greedy_answer(model, ids, mask, pos, images, n_prompt: list[int], max_new: i
     B, dev = ids.shape[0], ids.device
     L0 = max(n_prompt)
     ids, mask, pos = ids[:, :L0], mask[:, :L0], pos[:, :, :L0]
-    check_positions(pos, ids, model.config.image_token_id)
     lm, embed = model.model.language_model, model.model.get_input_embeddings()
-    emb = embed(ids)
-    z = vision(model, images)
-    img_mask = ids == model.config.image_token_id
-    emb = emb.masked_scatter(img_mask[..., None].expand_as(emb), z.to(emb.dtype))
+    emb = embed_with_images(model, ids, pos, vision(model, images))
     out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True)
     rows = torch.arange(B, device=dev)
     last = torch.tensor(n_prompt, device=dev) - 1
