@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     from qzoom_agent.cli_args import parse_args
     from qzoom_agent.checkpoint import atomic_write_text
     from qzoom_agent.training import gate_labels as gl
+    from qzoom_agent.training.testbed_eval import load_items
 
     args = parse_args(LabelArgs, argv=argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     model = load_model(args.model, device)
     done = {r["id"] for r in gl.read_records(out / "records.jsonl")}
-    items = gl.synthhr_items(subsets, args.n_per_subset, args.split, workers=args.render_workers)
+    items = load_items(subsets, args.n_per_subset, args.split, workers=args.render_workers)
     todo = [x for x in items if x[0]["question_id"] not in done]
     print(f"{len(items)} items ({len(done)} already answered), rendered in {time.time() - t0:.0f}s", flush=True)
     chunk = max(args.batch_size, 4 * args.batch_size)

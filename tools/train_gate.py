@@ -54,6 +54,7 @@ def main(argv=None) -> dict:
     from qzoom_agent.checkpoint import atomic_write_text
     from qzoom_agent.cli_args import parse_args
     from qzoom_agent.training import gate_labels as gl
+    from qzoom_agent.training.testbed_eval import load_items
     from qzoom_agent.training import gate_train as gt
 
     args, train_cfg = parse_args(GateArgs, _train_config_type(), argv=argv)
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     if args.gate_thresh > 0:
         model.config.gate_thresh = args.gate_thresh
     ids = {r["id"] for r in kept}
-    images = {it["question_id"]: Image.fromarray(c) for it, c in gl.synthhr_items(
+    images = {it["question_id"]: Image.fromarray(c) for it, c in load_items(
         meta["subsets"], meta["n_per_subset"], meta["split"], workers=args.render_workers, ids=ids)}
     print(f"{len(kept)} kept records, images rendered ({time.time() - t0:.0f}s)", flush=True)
     left = 0.0 if train_cfg.max_minutes <= 0 else max(1e-6, train_cfg.max_minutes - (time.time() - t0) / 60)
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     model.save_pretrained(out / "model")
     report = {"train": result, "args": {**asdict(args), **asdict(train_cfg)}}
     if result["done"] and args.eval_n_per_subset > 0:
-        held = gl.synthhr_items([s for s in args.eval_subsets.split(",") if s], args.eval_n_per_subset,
+        held = load_items([s for s in args.eval_subsets.split(",") if s], args.eval_n_per_subset,
                                 args.eval_split, workers=args.render_workers)
         prompts = [gl.synthhr_target(it)[0] for it, _ in held]
         probs = gt.gate_probs(model, [Image.fromarray(c) for _, c in held], prompts, args.eval_budget,

@@ -222,32 +222,3 @@ def needs_hr_agreement(kept: Sequence[dict]) -> dict:
     return {"n": len(pairs), "agreement": round(agree / len(pairs), 4),
             "label1_given_needs_hr": round(tp / max(1, sum(f for _, f, _ in pairs)), 4),
             "needs_hr_given_label1": round(tp / max(1, sum(y for y, _, _ in pairs)), 4)}
-
-
-# ------------------------------------------------------------------------------------------- items
-def _render(args):
-    from eval.synthhr import render_item
-
-    item, cfg = args
-    import numpy as np
-
-    return np.asarray(render_item(item, cfg).convert("RGB"), dtype=np.uint8)
-
-
-def synthhr_items(subsets: Sequence[str], n: int, split: str, *, workers: int = 1,
-                  ids: set[str] | None = None) -> list[tuple[dict, object]]:
-    """(item, RGB canvas uint8) for `n` SynthHR-mini items per subset (single candidate), rendered with
-    `workers` processes; `ids`: render only these question ids (the rest are skipped)."""
-    from eval.synthhr import SynthHRConfig, make_items
-
-    cfg = SynthHRConfig(scale="mini", n_candidates=1)
-    items = [it for s in subsets for it in make_items(cfg, s, split, n)
-             if ids is None or it["question_id"] in ids]
-    if workers > 1 and len(items) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(workers) as pool:
-            canvases = pool.map(_render, [(it, cfg) for it in items], chunksize=4)
-    else:
-        canvases = [_render((it, cfg)) for it in items]
-    return list(zip(items, canvases))

@@ -43,15 +43,29 @@ def _views(canvas, box, mode: str):
                                          ImageSlot((ch // CELL, cw // CELL), source=0, box_cells=bc)]
 
 
-def load_items(subsets, n: int, split: str = "test", n_candidates: int = 1):
-    from eval.synthhr import SynthHRConfig, make_items, render_item
+def _render_canvas(args) -> np.ndarray:
+    from eval.synthhr import render_item
+
+    item, cfg = args
+    return np.asarray(render_item(item, cfg).convert("RGB"), dtype=np.uint8)
+
+
+def load_items(subsets, n: int, split: str = "test", n_candidates: int = 1, *, workers: int = 1,
+               ids: set[str] | None = None) -> list[tuple[dict, np.ndarray]]:
+    """(item, RGB canvas uint8 (H, W, 3)) for the first `n` SynthHR-mini items of each subset, rendered in
+    `workers` processes; `ids`: only these question ids (the others are not rendered)."""
+    from eval.synthhr import SynthHRConfig, make_items
 
     cfg = SynthHRConfig(scale="mini", n_candidates=n_candidates)
-    out = []
-    for s in subsets:
-        for it in make_items(cfg, s, split, n):
-            out.append((it, np.asarray(render_item(it, cfg).convert("RGB"), dtype=np.uint8)))
-    return out
+    items = [it for s in subsets for it in make_items(cfg, s, split, n) if ids is None or it["question_id"] in ids]
+    if workers > 1 and len(items) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            canvases = pool.map(_render_canvas, [(it, cfg) for it in items], chunksize=4)
+    else:
+        canvases = [_render_canvas((it, cfg)) for it in items]
+    return list(zip(items, canvases))
 
 
 def free_prompt(item: dict) -> tuple[str, str]:
