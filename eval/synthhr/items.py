@@ -169,7 +169,7 @@ def make_item(cfg: SynthHRConfig, subset: str, split: str, index: int) -> dict:
         bg_family=scene.bg, generator_version=cfg.generator_version, config_id=config_id,
     )
     for b in cfg.budgets:
-        item[f"needs_hr@{b}"] = needs_hr(detail_px, cfg.tau_detail_px[d_kind], W, H, b)
+        item[f"needs_hr@{b}"] = needs_hr(detail_px, cfg.tau_detail(d_kind), W, H, b)
         item[f"cue_visible@{b}"] = cue_visible(cue_px, cfg.tau_cue_px[c_kind], W, H, b)
     return item
 

@@ -51,12 +51,13 @@ def _render_canvas(args) -> np.ndarray:
 
 
 def load_items(subsets, n: int, split: str = "test", n_candidates: int = 1, *, workers: int = 1,
-               ids: set[str] | None = None) -> list[tuple[dict, np.ndarray]]:
+               ids: set[str] | None = None, config=None) -> list[tuple[dict, np.ndarray]]:
     """(item, RGB canvas uint8 (H, W, 3)) for the first `n` SynthHR-mini items of each subset, rendered in
-    `workers` processes; `ids`: only these question ids (the others are not rendered)."""
+    `workers` processes; `ids`: only these question ids (the others are not rendered); `config`: a
+    `SynthHRConfig` to render with instead of the default mini one (its `n_candidates` is then used)."""
     from eval.synthhr import SynthHRConfig, make_items
 
-    cfg = SynthHRConfig(scale="mini", n_candidates=n_candidates)
+    cfg = config if config is not None else SynthHRConfig(scale="mini", n_candidates=n_candidates)
     items = [it for s in subsets for it in make_items(cfg, s, split, n) if ids is None or it["question_id"] in ids]
     if workers > 1 and len(items) > 1:
         import multiprocessing as mp
