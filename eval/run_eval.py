@@ -43,6 +43,9 @@ class EvalArgs:
     data: str | None = field(default=None, metadata={"help": "local file/folder of a real benchmark or a manifest"})
     subsets: str | None = field(default=None, metadata={"help": "comma-separated SynthHR subsets (default all)"})
     limit: int | None = field(default=None, metadata={"help": "items per subset (SynthHR) or in all (others)"})
+    n_candidates: int | None = field(default=None, metadata={"help": "SynthHR difficulty level: objects of the asked "
+                                                                     "kind (1: single-candidate; default: each "
+                                                                     "subset's own)"})
     methods: str = field(default="base@256,qzoom@256", metadata={"help": "comma-separated method@budget list"})
     model: str = field(default="tiny-random", metadata={"help": "QZoomModel folder | testbed | tiny-random"})
     out: str = field(default="runs/eval", metadata={"help": "output folder (resumed if it holds records)"})
@@ -110,6 +113,40 @@ class OracleCropMethod(Method):
         return {"boxes": boxes}
 
 
+class _ConfigOverride(Method):
+    """Q-Zoom with some `QZoomConfig` fields changed for the call (ablations); the model's config is restored."""
+
+    overrides: dict = {}
+
+    def __call__(self, model, docs, images, prompts, max_new):
+        saved = {k: getattr(model.config, k) for k in self.overrides}
+        for k, v in self.overrides.items():
+            setattr(model.config, k, v)
+        try:
+            return super().__call__(model, docs, images, prompts, max_new)
+        finally:
+            for k, v in saved.items():
+                setattr(model.config, k, v)
+
+
+class QZoomNoGateMethod(_ConfigOverride):
+    """Ablation: the gate always fires (every item is zoomed)."""
+
+    key, overrides = "qzoom-nogate", {"gate_thresh": 0.0}
+
+
+class QZoomComponentsMethod(_ConfigOverride):
+    """Ablation: up to 3 crops, one per connected component of the RoI map, instead of Q-Zoom's one union box."""
+
+    key, overrides = "qzoom-k3", {"box_mode": "components", "max_boxes": 3}
+
+
+class QZoomSecondImageMethod(_ConfigOverride):
+    """Ablation: the crop placed as a second ordinary image (SD-RPN), not on the global image's M-RoPE grid."""
+
+    key, overrides = "qzoom-2ndimg", {"alignment": "second_image"}
+
+
 class FullMethod(Method):
     """The plain MLLM at native resolution (no budget cap)."""
 
@@ -157,7 +194,8 @@ class AgentBBoxMethod(AgentMethod):
 
 
 METHODS: dict[str, type[Method]] = {m.key: m for m in (BaseMethod, QZoomMethod, OracleCropMethod, FullMethod,
-                                                       AgentMethod, AgentBBoxMethod)}
+                                                       QZoomNoGateMethod, QZoomComponentsMethod,
+                                                       QZoomSecondImageMethod, AgentMethod, AgentBBoxMethod)}
 
 
 def parse_methods(spec: str) -> list[Method]:
@@ -202,7 +240,7 @@ def make_loader(args: EvalArgs):
         scale = args.suite.split("-", 1)[1] if "-" in args.suite else "mini"
         if args.data:
             return get_loader("synthhr", path=args.data, limit=args.limit)
-        cfg = SynthHRConfig(scale=scale)
+        cfg = SynthHRConfig(scale=scale, n_candidates=args.n_candidates)
         subsets = [s.strip() for s in args.subsets.split(",")] if args.subsets else list(SUBSETS)
         sizes = {"dev": 200, "test": 500, "tp": 100}
         n = args.limit or sizes.get(args.split, 200)

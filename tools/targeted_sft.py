@@ -34,6 +34,8 @@ class ScriptArgs:
     subsets: str = field(default="attr-cue,attr-search,doc-code,doc-table",
                          metadata={"help": "comma-separated SynthHR subsets of the mining pool"})
     n_pool: int = field(default=100, metadata={"help": "pool items per subset"})
+    n_candidates: int = field(default=1, metadata={"help": "SynthHR level of the pool (objects of the asked kind); "
+                                                          "0: each subset's default"})
     split: str = "train"
     mined: str = field(default="", metadata={"help": "reuse this mined jsonl instead of mining"})
     mine_batch_size: int = 8
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "mined.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         summary["mined"] = {"source": args.mined, "n_kept": len(records)}
     else:
-        pool = synthhr_pool(args.subsets.split(","), args.n_pool, args.split)
+        pool = synthhr_pool(args.subsets.split(","), args.n_pool, args.split,
+                            n_candidates=args.n_candidates or None)
         summary["mined"] = mine(model, pool, out, MineConfig(batch_size=args.mine_batch_size,
                                                              max_new_tokens=args.max_new_tokens), progress=progress)
         records = [json.loads(line) for line in (out / "mined.jsonl").read_text().splitlines() if line.strip()]

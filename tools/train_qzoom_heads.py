@@ -60,7 +60,7 @@ from qzoom_agent.errors import QZoomError  # noqa: E402
 from qzoom_agent.training.head_trainer import JsonlLog, RunBudget  # noqa: E402
 
 DONE = "stage_done.json"
-STAGES = ("pseudo", "rpn", "sft", "gate_labels", "gate", "eval")
+STAGES = ("pseudo", "rpn", "sft", "gate_labels", "gate", "eval", "export")
 EVAL_METHODS = "base@256,base@576,base@1024,base@2304,qzoom@256,qzoom@576,qzoom@1024,oracle-crop@256"
 
 
@@ -72,6 +72,9 @@ class HeadsArgs:
     max_minutes: float = field(default=0.0, metadata={"help": "stop before a stage that would not fit (0: no limit)"})
     overhead_minutes: float = field(default=0.5, metadata={"help": "added to each stage's estimate (model load)"})
     render_workers: int = 8
+    n_candidates: int = field(default=1, metadata={"help": "SynthHR level of the SFT pool and the eval (objects of "
+                                                          "the asked kind; 1: single candidate, where the testbed "
+                                                          "meets its Tier-1 bars; 0: each subset's default)"})
     # 1. pseudo labels (no time limit in the tool: pseudo_minutes is an estimate only)
     pseudo_subsets: str = ""                  # empty: every SynthHR subset
     pseudo_n: int = 32                        # items per subset
@@ -112,6 +115,12 @@ class HeadsArgs:
     eval_n: int = 16                          # test items per subset
     eval_batch_size: int = 8
     eval_minutes: float = 4.0
+    eval_nosft_methods: str = field(default="", metadata={"help": "ablation 'no targeted SFT': these methods again "
+                                                                  "with the RPN-stage model (-> eval_nosft/)"})
+    # 7. export
+    export_dtype: str = field(default="bfloat16", metadata={"help": "dtype of the shippable copy of the final "
+                                                                   "model (-> export/)"})
+    export_minutes: float = 0.5
 
 
 def validate(args: HeadsArgs) -> None:
@@ -198,7 +207,8 @@ def run_sft(args: HeadsArgs, out: Path, log: JsonlLog) -> dict:
     tool = Path(args.sft_tool) if Path(args.sft_tool).is_absolute() else ROOT / args.sft_tool
     cmd = [sys.executable, str(tool), "--model", stage_model(out, "sft", args), "--out_dir", str(out / "sft"),
            "--subsets", args.sft_subsets, "--n_pool", str(args.sft_n_pool), "--minutes", str(args.sft_minutes),
-           "--device", args.device] + (["--config", args.sft_config] if args.sft_config else [])
+           "--device", args.device, "--n_candidates", str(args.n_candidates)] + (
+               ["--config", args.sft_config] if args.sft_config else [])
     log.write({"event": "subprocess", "stage": "sft", "cmd": cmd})
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     if rc != 0:
@@ -258,17 +268,39 @@ def run_eval(args: HeadsArgs, out: Path, log: JsonlLog) -> dict:
     from eval.run_eval import EvalArgs, run
 
     model = stage_model(out, "eval", args) or "testbed"
-    summary = run(EvalArgs(suite="synthhr-mini", split="test", subsets=args.eval_subsets or None,
-                           limit=args.eval_n, methods=args.eval_methods, model=model, out=str(out / "eval"),
-                           batch_size=args.eval_batch_size, device=args.device,
-                           title=f"Q-Zoom heads on the testbed ({Path(model).name})"))
+    common = dict(suite="synthhr-mini", split="test", subsets=args.eval_subsets or None, limit=args.eval_n,
+                  n_candidates=args.n_candidates or None, batch_size=args.eval_batch_size, device=args.device)
+    summary = run(EvalArgs(methods=args.eval_methods, model=model, out=str(out / "eval"),
+                           title=f"Q-Zoom heads on the testbed ({Path(model).name})", **common))
     runs = {k: {m: r.get(m) for m in ("accuracy", "visual_tokens_mean", "samples_per_s")}
             for k, r in summary["runs"].items()}
-    return {"complete": True, "model": model, "runs": runs, "report": str(out / "eval" / "report")}
+    res = {"complete": True, "model": model, "runs": runs, "report": str(out / "eval" / "report")}
+    rpn_model = out / "rpn" / "model"
+    if args.eval_nosft_methods and (out / "sft" / DONE).exists() and rpn_model.exists():
+        nosft = run(EvalArgs(methods=args.eval_nosft_methods, model=str(rpn_model), out=str(out / "eval_nosft"),
+                             title="Ablation: no targeted SFT (RPN-stage model)", **common))
+        res["nosft_runs"] = {k: {m: r.get(m) for m in ("accuracy", "visual_tokens_mean")}
+                             for k, r in nosft["runs"].items()}
+    return res
+
+
+def run_export(args: HeadsArgs, out: Path, log: JsonlLog) -> dict:
+    """A shippable copy of the final model (heads + SFT-tuned backbone) in `export_dtype`, shards ≤ 15 MB."""
+    import torch
+
+    from qzoom_agent import QZoomModel
+
+    src = stage_model(out, "eval", args)
+    if not src:
+        raise QZoomError("export: no trained stage wrote a model")
+    model = QZoomModel.from_pretrained(src, dtype=getattr(torch, args.export_dtype))
+    model.save_pretrained(out / "export")
+    mib = sum(f.stat().st_size for f in (out / "export").iterdir()) / 2 ** 20
+    return {"complete": True, "source": src, "dtype": args.export_dtype, "mib": round(mib, 1)}
 
 
 RUNNERS = {"pseudo": run_pseudo, "rpn": run_rpn, "sft": run_sft, "gate_labels": run_gate_labels,
-           "gate": run_gate, "eval": run_eval}
+           "gate": run_gate, "eval": run_eval, "export": run_export}
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -299,6 +331,11 @@ def run_pipeline(args: HeadsArgs) -> dict:
                    "left_minutes": None if left == float("inf") else round(left, 2)})
         t0 = time.perf_counter()
         result = RUNNERS[stage](args, out, log)
+        for _ in range(3 if args.max_minutes > 0 else 0):   # stopped on its own limit with time left in this
+            if result["complete"] or not budget.minutes_left() > need:     # device call: resume it now
+                break
+            log.write({"event": "resume", "stage": stage, "left_minutes": round(budget.minutes_left(), 2)})
+            result = RUNNERS[stage](args, out, log)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         ran.append(stage)
         if not result["complete"]:

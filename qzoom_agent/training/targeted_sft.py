@@ -65,14 +65,16 @@ def keep_regression(base_right: bool, roi_right: bool, zoomed: bool) -> bool:
     return bool(base_right) and not roi_right and bool(zoomed)
 
 
-def synthhr_pool(subsets: list[str], n: int, split: str = "train", start: int = 0) -> list[dict]:
-    """Pool items {"id", "subset", "question", "image", "judge"}: SynthHR-mini rows, the benchmark's prompt, and
-    `judge(response) -> bool` from the benchmark's scorer (score ≥ 0.999)."""
+def synthhr_pool(subsets: list[str], n: int, split: str = "train", start: int = 0,
+                 n_candidates: int | None = 1) -> list[dict]:
+    """Pool items {"id", "subset", "question", "image", "judge"}: SynthHR-mini rows at the `n_candidates` level
+    (1: single candidate; None: each subset's default), the benchmark's prompt, and `judge(response) -> bool` from
+    the benchmark's scorer (score ≥ 0.999)."""
     from eval.synthhr import SynthHRConfig, make_items, render_item
 
     from .gate_labels import synthhr_target
 
-    cfg = SynthHRConfig(scale="mini")
+    cfg = SynthHRConfig(scale="mini", n_candidates=n_candidates)
     out = []
     for s in subsets:
         for item in make_items(cfg, s, split, n, start):
