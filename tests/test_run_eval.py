@@ -83,3 +83,39 @@ def test_agent_methods_record_turns_and_tool_calls(tmp_path):
     for r in recs:
         assert {"turns", "tool_calls", "invalid_calls", "visual_tokens", "latency_s", "stop_reason"} <= set(r)
         assert r["turns"] >= 1 and r["latency_s"] > 0 and r.get("failure") != "model_error", r
+
+
+def test_ablation_methods_change_the_config_only_during_their_call(tmp_path):
+    """qzoom-nogate zooms every item; qzoom-k3 / qzoom-2ndimg run with their box mode / placement and leave the
+    model's config as it was."""
+    seen = []
+    model = run_eval.load_model("tiny-random", "cpu")
+    real = type(model).answer
+
+    def spy(self, *a, **k):
+        seen.append((self.config.gate_thresh, self.config.box_mode, self.config.max_boxes, self.config.alignment))
+        return real(self, *a, **k)
+
+    before = (model.config.gate_thresh, model.config.box_mode, model.config.max_boxes, model.config.alignment)
+    methods = run_eval.parse_methods("qzoom-nogate@64,qzoom-k3@64,qzoom-2ndimg@64")
+    from PIL import Image
+
+    imgs = [[Image.new("RGB", (256, 256), (120, 30, 30))], [Image.new("RGB", (200, 300), (20, 30, 200))]]
+    type(model).answer = spy
+    try:
+        outs = [m(model, [{}, {}], imgs, ["What colour?", "What colour?"], 3) for m in methods]
+    finally:
+        type(model).answer = real
+    assert seen == [(0.0, before[1], before[2], before[3]), (before[0], "components", 3, before[3]),
+                    (before[0], before[1], before[2], "second_image")]
+    assert not any(r["fallback"] == "gate_skip" for r in outs[0])      # the gate never skips
+    assert (model.config.gate_thresh, model.config.box_mode, model.config.max_boxes,
+            model.config.alignment) == before
+
+
+def test_n_candidates_selects_the_synthhr_level(tmp_path):
+    one = run_eval.make_loader(_args(tmp_path, subsets="attr-cue", n_candidates=1))
+    default = run_eval.make_loader(_args(tmp_path, subsets="attr-cue"))
+    n1 = {d["item"]["n_candidates"] if "item" in d else d["n_candidates"] for d in one.iter_docs()}
+    nd = {d["item"]["n_candidates"] if "item" in d else d["n_candidates"] for d in default.iter_docs()}
+    assert n1 == {1} and nd and nd != {1}
