@@ -261,3 +261,14 @@ def test_rows_made_on_square_padded_views_train_on_the_same_view(tmp_path):
     assert sample["image"].getpixel((5, 5)) == (127, 127, 127) and sample["image"].getpixel((150, 150)) == (10, 200, 30)
     plain = RPNDataset([{k: v for k, v in row.items() if k != "view"}])[0]
     assert plain["image"].size == (300, 200) and tuple(plain["gt_box"]) == (10, 20, 50, 60)
+
+
+def test_fg_weight_scales_only_the_fg_terms():
+    """fg_weight w: loss = mean over cells of (w * BCE for FG cells, BCE for BG cells); 1.0 is the plain mean."""
+    import math
+
+    x = torch.tensor([[0.0, 1.0, -1.0]])
+    y = torch.tensor([[1, 0, IGNORE]])
+    fg, bg = -math.log(1 / (1 + math.exp(-0.0))), -math.log(1 - 1 / (1 + math.exp(-1.0)))
+    assert rpn_loss([x], [y])[0].item() == pytest.approx((fg + bg) / 2, rel=1e-6)
+    assert rpn_loss([x], [y], fg_weight=5.0)[0].item() == pytest.approx((5 * fg + bg) / 2, rel=1e-6)

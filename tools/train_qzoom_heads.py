@@ -87,6 +87,7 @@ class HeadsArgs:
     rpn_batch_size: int = 16
     rpn_lr: float = 1e-4
     rpn_minutes: float = 4.0
+    rpn_fg_weight: float = 1.0                # BCE pos_weight of FG cells (1.0: Q-Zoom's plain mean)
     # 3. targeted SFT
     skip_sft: bool = False
     sft_tool: str = "tools/targeted_sft.py"
@@ -192,7 +193,8 @@ def run_rpn(args: HeadsArgs, out: Path, log: JsonlLog) -> dict:
     res = train_rpn.main([
         "--labels", str(out / "pseudo" / "labels.jsonl"), "--model", _base_for_tools(args),
         "--out_dir", str(out / "rpn"), "--steps", str(args.rpn_steps), "--batch_size", str(args.rpn_batch_size),
-        "--lr", str(args.rpn_lr), "--minutes", str(args.rpn_minutes), "--device", args.device])
+        "--lr", str(args.rpn_lr), "--minutes", str(args.rpn_minutes), "--device", args.device,
+        "--fg_weight", str(args.rpn_fg_weight)])
     return {"complete": bool(res["done"]), "step": res["step"], "last": res["last"]}
 
 

@@ -141,8 +141,11 @@ def testbed_qzoom_config(path: str | os.PathLike | None = None):
     meta_file = path / "testbed_meta.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     n_layers = meta.get("arch", {}).get("layers", TestbedArch().layers)
+    # min_box_px 168: the testbed learned to read crops with context (side 4x the target box, like its oracle
+    # crops); 28-px tight boxes magnified ~15x left it at 56 / 38 % on dev attr-cue / fsp-4k oracle crops, 168 px
+    # gives 94 / 100 % (eval/results/qzoom_heads_testbed.md)
     kw = dict(family="qwen2_5_vl", twig_K=n_layers // 2, twig_T=2, gate_T=2, has_roi_head=False, has_gate=False,
-              min_visual_tokens=256, max_visual_tokens=2304, system_prompt=None)
+              min_visual_tokens=256, max_visual_tokens=2304, system_prompt=None, min_box_px=168)
     kw.update(meta.get("qzoom_config", {}))
     try:
         return QZoomConfig(**kw)

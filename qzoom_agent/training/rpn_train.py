@@ -162,8 +162,11 @@ def resize_logits(logits_hw: torch.Tensor, grid_hw) -> torch.Tensor:
     return F.interpolate(logits_hw[None, None].float(), size=(H, W), mode="bilinear", align_corners=False)[0, 0]
 
 
-def rpn_loss(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+def rpn_loss(logits: list[torch.Tensor], labels: list[torch.Tensor],
+             fg_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Mean BCE-with-logits over every non-ignored cell of the batch (zero, still differentiable, when none).
+    `fg_weight` > 1 weighs FG cells up (BCE `pos_weight`; 1.0 is Q-Zoom's plain mean): for targets of one or two
+    cells among thousands of BG cells, where the plain mean learns to say "background" everywhere.
 
     logits[b] (h, w) raw scores, labels[b] (H, W) in {1, 0, -100}. Stats: FG / BG accuracy at p = 0.5 (None if
     no such cell), counts.
@@ -180,7 +183,8 @@ def rpn_loss(logits: list[torch.Tensor], labels: list[torch.Tensor]) -> tuple[to
     if x.numel() == 0:
         loss = sum(lg.float().sum() for lg in logits) * 0.0
     else:
-        loss = F.binary_cross_entropy_with_logits(x, y, reduction="mean")
+        pw = None if fg_weight == 1.0 else torch.tensor(float(fg_weight), device=x.device)
+        loss = F.binary_cross_entropy_with_logits(x, y, reduction="mean", pos_weight=pw)
     with torch.no_grad():
         pred = x > 0
         fg, bg = y == 1, y == 0
@@ -231,6 +235,7 @@ class RPNTrainConfig:
     weight_decay: float = 0.0
     beta2: float = 0.999              # the Q-Zoom script leaves HF's default (method.md §3.4)
     max_grad_norm: float = 1.0
+    fg_weight: float = 1.0            # BCE pos_weight of FG cells (1.0: Q-Zoom's plain mean; see rpn_loss)
     minutes: float = 0.0              # stop this run after so many minutes (0: no limit); resume continues
     ckpt_every: int = 200             # steps between checkpoints (plus one at the end of every run)
     log_every: int = 10
@@ -343,7 +348,7 @@ def train_rpn(model, dataset, cfg: RPNTrainConfig, out_dir, *, eval_items: list[
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
             logits = rpn_logits(model, coarse_batch(model, samples))
-        loss, stats = rpn_loss(logits, [s["labels"] for s in samples])
+        loss, stats = rpn_loss(logits, [s["labels"] for s in samples], cfg.fg_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if not checked:
