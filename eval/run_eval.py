@@ -47,7 +47,8 @@ class EvalArgs:
                                                                      "kind (1: single-candidate; default: each "
                                                                      "subset's own)"})
     methods: str = field(default="base@256,qzoom@256", metadata={"help": "comma-separated method@budget list"})
-    model: str = field(default="tiny-random", metadata={"help": "QZoomModel folder | testbed | tiny-random"})
+    model: str = field(default="tiny-random", metadata={"help": "QZoomModel folder | testbed | testbed-qzoom "
+                                                                   "(with its trained heads) | tiny-random"})
     out: str = field(default="runs/eval", metadata={"help": "output folder (resumed if it holds records)"})
     prompt_mode: str = field(default="lmms_eval", metadata={"help": "lmms_eval | qzoom_fork"})
     batch_size: int = 1
@@ -222,6 +223,10 @@ def load_model(spec: str, device: str):
         from qzoom_agent.testbed import load_testbed
 
         return load_testbed(device=dev) if "device" in load_testbed.__code__.co_varnames else load_testbed()
+    if spec == "testbed-qzoom":
+        from qzoom_agent.testbed import load_testbed_qzoom
+
+        return load_testbed_qzoom(device=dev)
     if spec == "tiny-random":
         from qzoom_agent import QZoomConfig
         from qzoom_agent.testing import build_tiny_model

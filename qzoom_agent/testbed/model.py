@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
+QZOOM_DIR = Path(__file__).with_name("qzoom")      # the testbed after Q-Zoom's three stages (tools/train_qzoom_heads.py)
 CELL = 28
 
 
@@ -164,6 +165,17 @@ def load_testbed(path: str | os.PathLike | None = None, *, device: str = "cpu", 
     except ImportError:
         return model, processor
     return QZoomModel.from_backbone(model, processor, testbed_qzoom_config(path))
+
+
+def load_testbed_qzoom(path: str | os.PathLike | None = None, *, device: str = "cpu", dtype=torch.float32):
+    """The shipped testbed with its trained Q-Zoom heads (RoI head + gate; backbone after targeted SFT) as a
+    `QZoomModel`: the output of `tools/train_qzoom_heads.py` (eval/results/qzoom_heads_testbed.md)."""
+    from ..engine import QZoomModel
+
+    path = Path(path or QZOOM_DIR)
+    if not (path / "qzoom_config.json").exists():
+        raise FileNotFoundError(f"no trained Q-Zoom testbed in {path} (train it with tools/train_qzoom_heads.py)")
+    return QZoomModel.from_pretrained(path, device=device, dtype=dtype)
 
 
 def arch_dict(arch: TestbedArch | None = None) -> dict:
