@@ -124,11 +124,13 @@ def test_dense_loss_weights_and_missing_labels():
     assert "acc_shape" not in st0
 
 
-def test_load_shipped_dense_heads_starts_new_heads_fresh():
+def test_load_old_format_dense_heads_starts_new_heads_fresh():
+    """A stage-1..5 dense_heads.pt (no shape / size / side heads): those start fresh, the others load exactly."""
     from qzoom_agent.training.testbed_model import DenseHeads
 
-    state = torch.load(SHIPPED / "dense_heads.pt", map_location="cpu")
-    assert not any(k.startswith(("heads.shape", "heads.size", "heads.side")) for k in state)
+    shipped = torch.load(SHIPPED / "dense_heads.pt", map_location="cpu")
+    state = {k: v for k, v in shipped.items() if not k.startswith(("heads.shape", "heads.size", "heads.side"))}
+    assert len(state) < len(shipped)            # the shipped stage-6 heads carry the new heads
     nc = gs.label_classes()
     dim = state["heads.glyph.weight"].shape[1]
     heads = DenseHeads(dim, nc["glyph"], nc["count"], nc["color"], nc["kind"], n_shape=nc["shape"],
@@ -145,7 +147,8 @@ def test_train_testbed_build_loads_shipped_heads():
     lines = []
     _, heads, _ = build(TrainArgs(resume=str(SHIPPED)), "cpu", log=lines.append)
     assert set(heads.heads) == {"glyph", "count", "color", "kind", "shape", "size", "side"}
-    assert any("fresh (not in the checkpoint): ['shape', 'side', 'size']" in s for s in lines), lines
+    assert any("loaded ['color', 'count', 'glyph', 'kind', 'shape', 'side', 'size']; fresh (not in the checkpoint): none"
+               in s for s in lines), lines
 
 
 def test_train_testbed_cpu_smoke_logs_new_accuracies(tmp_path):
