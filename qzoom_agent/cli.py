@@ -8,11 +8,18 @@ import time
 
 
 def _demo_model():
-    """The shipped testbed when its weights are present, else a tiny random model (pipeline smoke run)."""
+    """The shipped testbed with its trained Q-Zoom heads when present, else the plain testbed (no heads: qzoom
+    answers at the coarse view), else a tiny random model (pipeline smoke run)."""
+    try:
+        from .testbed import load_testbed_qzoom
+
+        return load_testbed_qzoom(), "shipped testbed with its trained Q-Zoom heads"
+    except Exception:  # noqa: BLE001 - no trained heads shipped: the plain testbed
+        pass
     try:
         from .testbed import load_testbed
 
-        return load_testbed(), "shipped testbed"
+        return load_testbed(), "shipped testbed (no trained heads: qzoom does not zoom)"
     except Exception as e:  # noqa: BLE001 - any failure means: no usable testbed shipped
         from .config import QZoomConfig
         from .engine import QZoomModel
@@ -30,9 +37,9 @@ def _demo_items(n: int):
         sys.path.insert(0, os.getcwd())
         from eval.synthhr import SynthHRConfig, make_items, render_item
 
-        cfg = SynthHRConfig(scale="mini")
+        cfg = SynthHRConfig(scale="mini", n_candidates=1)     # the level where the testbed meets its Tier-1 bars
         out = []
-        for subset in ("coarse", "attr-cue", "doc-code"):
+        for subset in ("coarse", "attr-cue", "fsp-4k"):
             for item in make_items(cfg, subset=subset, split="dev", n=n):
                 q = item["question"]
                 if item.get("options"):
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="answer SynthHR questions with the shipped testbed at a low and a high budget")
     d.add_argument("--n", type=int, default=2, help="items per subset")
-    d.add_argument("--low", type=int, default=256)
+    d.add_argument("--low", type=int, default=576, help="coarse budget (576: Q-Zoom's HR operating point, where the "
+                   "testbed's RoI head was trained)")
     d.add_argument("--high", type=int, default=2304)
     d.add_argument("--max-new-tokens", type=int, default=12)
     d.set_defaults(fn=demo)

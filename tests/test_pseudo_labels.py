@@ -265,3 +265,12 @@ def test_tool_end_to_end_on_cpu(tmp_path):
     assert "FG recall" in Path(str(out) + ".quality.md").read_text()
     again = mpl.main(argv)                                      # resume: nothing new to label
     assert again["new_rows"] == 0 and again["rows"] == 2
+    # rows carry the benchmark's prompt (what the RoI head reads at inference), not the bare question
+    from eval.synthhr import SynthHRConfig, make_items
+    from qzoom_agent.training.gate_labels import synthhr_target
+
+    item = make_items(SynthHRConfig(scale="mini", n_candidates=1), "attr-cue", "train", 1)[0]
+    row = next(r for r in rows if r["source"]["subset"] == "attr-cue")
+    assert row["question"] == synthhr_target(item)[0] != item["question"]
+    bare = mpl.main(argv[:-4] + ["--out", str(tmp_path / "bare.jsonl"), "--prompt", "question", "--subsets", "attr-cue"])
+    assert bare["rows"] == 1 and pl.read_labels(tmp_path / "bare.jsonl")[0]["question"] == item["question"]

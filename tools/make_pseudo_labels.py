@@ -45,6 +45,9 @@ class PseudoLabelArgs:
     budget: int = field(default=576, metadata={"help": "coarse visual tokens (min = max), 576 = 24x24 as Q-Zoom"})
     square_pad: bool = field(default=True, metadata={"help": "grey square padding before encoding (§3.1)"})
     query: str = field(default="last_prompt", metadata={"help": "last_prompt | response (greedy answer, forced)"})
+    prompt: str = field(default="benchmark", metadata={"help": "benchmark: the benchmark's prompt (MC options and "
+                                                               "answer instruction), the text the RoI head meets at "
+                                                               "inference | question: the bare question"})
     n_heads: int = field(default=4, metadata={"help": "teacher heads kept from the GT-free ranking"})
     head_split: str = field(default="dev", metadata={"help": "split of the unlabelled head-selection items"})
     head_n: int = field(default=8, metadata={"help": "head-selection items per subset"})
@@ -55,6 +58,17 @@ class PseudoLabelArgs:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+def _prompt(item: dict, args) -> str:
+    """The text the teacher reads: Q-Zoom labels with the dataset's own prompt, and ours is the benchmark's. The RoI
+    head reads layer-K features of the whole sequence, so a head trained on bare questions lost 12-33 points of
+    recall under the MC prompt (eval/results/qzoom_heads_testbed.md)."""
+    if args.prompt == "question":
+        return item["question"]
+    from qzoom_agent.training.gate_labels import synthhr_target
+
+    return synthhr_target(item)[0]
+
 
 def _subsets(args) -> list[str]:
     from eval.synthhr import SUBSETS
@@ -122,14 +136,14 @@ def label_items(qzoom, args, heads, params: pl.DenoiseParams, writer: pl.LabelWr
     hits = {}
     for chunk in tqdm(list(_batches(data, args.batch)), desc="pseudo labels", leave=False):
         views = [coarse_view(img, args.square_pad) for _, img in chunk]
-        maps = teacher_maps(qzoom, views, [it["question"] for it, _ in chunk], heads, budget=args.budget,
+        maps = teacher_maps(qzoom, views, [_prompt(it, args) for it, _ in chunk], heads, budget=args.budget,
                             query=args.query)
         rows = []
         for (it, _), m in zip(chunk, maps):
             labels = pl.denoise(m.attn_hw, m.sink_hw, m.pad_hw, params)
             peak = float(pl.clean_map(m.attn_hw, m.sink_hw, m.pad_hw, params).max())
             rows.append(pl.label_row(it["question_id"], {"synthhr": it["question_id"], "subset": it["subset"]},
-                                     it["question"], args.budget, labels, heads, args.query, peak,
+                                     _prompt(it, args), args.budget, labels, heads, args.query, peak,
                                      view={"square_pad": bool(args.square_pad), "fill": 127}))
             gt = gt_box_cells(it, m.block.grid_hw, qzoom.backbone.cell_px, args.square_pad)
             if gt is not None:
@@ -194,6 +208,10 @@ def main(argv=None) -> dict:
     from qzoom_agent.cli_args import parse_args
 
     args, params = parse_args(PseudoLabelArgs, pl.DenoiseParams, argv=argv)
+    if args.prompt not in ("benchmark", "question"):
+        from qzoom_agent.errors import QZoomError
+
+        raise QZoomError(f"--prompt must be 'benchmark' or 'question', got {args.prompt!r}")
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     t0 = time.perf_counter()
