@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""RoI recall of the shipped testbed heads on SynthHR-mini dev of the shipped heads (gate forced open, 576 tokens) with the bare question vs the
-benchmark's MC prompt (question + options + answer instruction), as run_eval sends it.
+"""RoI recall of the shipped testbed heads on SynthHR-mini dev (gate forced open, 576 tokens) with the bare
+question vs the benchmark's MC prompt (question + options + answer instruction), as run_eval sends it.
 
     python tools/roi_prompt_check.py 24 fsp-4k,attr-cue      # -> runs/promptcheck.json
 """
 import sys, json, torch
-sys.path.insert(0, ".")
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+Path("runs").mkdir(exist_ok=True)
 torch.set_num_threads(2)
 from eval.synthhr import SynthHRConfig, make_items, render_item
 from eval.benchmarks.synthhr import SynthHRLoader, item_to_doc
