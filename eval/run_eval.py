@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,20 +115,27 @@ class OracleCropMethod(Method):
         return {"boxes": boxes}
 
 
+@contextmanager
+def config_overridden(config, overrides: dict):
+    """`config` with `overrides` set for the duration of the block; the old values are restored after."""
+    saved = {k: getattr(config, k) for k in overrides}
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    try:
+        yield config
+    finally:
+        for k, v in saved.items():
+            setattr(config, k, v)
+
+
 class _ConfigOverride(Method):
     """Q-Zoom with some `QZoomConfig` fields changed for the call (ablations); the model's config is restored."""
 
     overrides: dict = {}
 
     def __call__(self, model, docs, images, prompts, max_new):
-        saved = {k: getattr(model.config, k) for k in self.overrides}
-        for k, v in self.overrides.items():
-            setattr(model.config, k, v)
-        try:
+        with config_overridden(model.config, self.overrides):
             return super().__call__(model, docs, images, prompts, max_new)
-        finally:
-            for k, v in saved.items():
-                setattr(model.config, k, v)
 
 
 class QZoomNoGateMethod(_ConfigOverride):
@@ -173,10 +181,7 @@ class AgentMethod(Method):
     def __call__(self, model, docs, images, prompts, max_new):
         from eval import agent_methods
 
-        saved = model.config.max_visual_tokens
-        if self.budget:
-            model.config.max_visual_tokens = self.budget
-        try:
+        with config_overridden(model.config, {"max_visual_tokens": self.budget} if self.budget else {}):
             if self._agent is None:
                 self._agent = getattr(agent_methods, self.agent_class)(model, max_new_tokens=max_new)
             out = []
@@ -186,8 +191,6 @@ class AgentMethod(Method):
                 row["zoomed"] = row["tool_calls"] > row["invalid_calls"]
                 out.append(row)
             return out
-        finally:
-            model.config.max_visual_tokens = saved
 
 
 class AgentBBoxMethod(AgentMethod):
