@@ -136,14 +136,14 @@ def label_items(qzoom, args, heads, params: pl.DenoiseParams, writer: pl.LabelWr
     hits = {}
     for chunk in tqdm(list(_batches(data, args.batch)), desc="pseudo labels", leave=False):
         views = [coarse_view(img, args.square_pad) for _, img in chunk]
-        maps = teacher_maps(qzoom, views, [_prompt(it, args) for it, _ in chunk], heads, budget=args.budget,
-                            query=args.query)
+        prompts = [_prompt(it, args) for it, _ in chunk]
+        maps = teacher_maps(qzoom, views, prompts, heads, budget=args.budget, query=args.query)
         rows = []
-        for (it, _), m in zip(chunk, maps):
+        for (it, _), m, prompt in zip(chunk, maps, prompts):
             labels = pl.denoise(m.attn_hw, m.sink_hw, m.pad_hw, params)
             peak = float(pl.clean_map(m.attn_hw, m.sink_hw, m.pad_hw, params).max())
             rows.append(pl.label_row(it["question_id"], {"synthhr": it["question_id"], "subset": it["subset"]},
-                                     _prompt(it, args), args.budget, labels, heads, args.query, peak,
+                                     prompt, args.budget, labels, heads, args.query, peak,
                                      view={"square_pad": bool(args.square_pad), "fill": 127}))
             gt = gt_box_cells(it, m.block.grid_hw, qzoom.backbone.cell_px, args.square_pad)
             if gt is not None:
