@@ -272,3 +272,11 @@ def test_fg_weight_scales_only_the_fg_terms():
     fg, bg = -math.log(1 / (1 + math.exp(-0.0))), -math.log(1 - 1 / (1 + math.exp(-1.0)))
     assert rpn_loss([x], [y])[0].item() == pytest.approx((fg + bg) / 2, rel=1e-6)
     assert rpn_loss([x], [y], fg_weight=5.0)[0].item() == pytest.approx((5 * fg + bg) / 2, rel=1e-6)
+
+
+def test_non_positive_fg_weight_is_a_clear_error():
+    from qzoom_agent.errors import QZoomError
+    from qzoom_agent.training.rpn_train import RPNTrainConfig
+
+    with pytest.raises(QZoomError, match="fg_weight"):
+        RPNTrainConfig(fg_weight=0.0)

@@ -244,6 +244,10 @@ class RPNTrainConfig:
     num_workers: int = 0              # DataLoader workers (image loading / SynthHR rendering)
     resume: bool = True               # continue from out_dir/checkpoint when it exists
 
+    def __post_init__(self) -> None:
+        if not self.fg_weight > 0:
+            raise QZoomError(f"fg_weight must be > 0 (1.0: Q-Zoom's plain mean BCE), got {self.fg_weight}")
+
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Row indices of global step `step`: epoch-wise seeded permutations, so a resumed run sees the same rows."""
