@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
-
-import sys
 
 import numpy as np
 
@@ -83,7 +82,9 @@ def main() -> None:
     res = bars(load(a.records), a.subsets.split(","), summ)
     text = json.dumps(res, indent=1)
     if a.out:
-        Path(a.out).write_text(text)
+        from qzoom_agent.checkpoint import atomic_write_text
+
+        atomic_write_text(a.out, text)
     print(text)
 
 
