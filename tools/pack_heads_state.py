@@ -25,10 +25,10 @@ def pack(src: Path, dst: Path) -> list[str]:
     import torch
 
     from qzoom_agent import QZoomModel
-    from train_qzoom_heads import DONE
+    from train_qzoom_heads import DONE, HeadsArgs, stage_model
 
-    done = [s for s in MODEL_STAGES if (src / s / DONE).exists() and (src / s / "model").exists()]
-    latest = done[-1] if done else None
+    found = Path(stage_model(src, "eval", HeadsArgs(model="")) or ".")   # the model the next stage would start from
+    latest = found.parent.name if found.parent.parent == src else None
     if dst.exists():
         shutil.rmtree(dst)
 
