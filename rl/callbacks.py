@@ -127,3 +127,35 @@ def plot_curves(log_history: list[dict], path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class TimeLimitCallback(TrainerCallback):
+    """Stop training (and save a checkpoint) once `minutes` of wall time have passed since `on_train_begin`.
+
+    Device sessions are time-boxed; a run that ends on its clock leaves a checkpoint that
+    `--resume_from_checkpoint last` continues from, instead of being killed mid-step with nothing saved.
+    """
+
+    def __init__(self, minutes: float) -> None:
+        if minutes <= 0:
+            raise ValueError(f"TimeLimitCallback needs minutes > 0, got {minutes}")
+        self.seconds = 60.0 * float(minutes)
+        self.t0: float | None = None
+        self.stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import time
+
+        self.t0 = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        if self.t0 is not None and time.monotonic() - self.t0 >= self.seconds and not control.should_training_stop:
+            logger.warning("time limit of %.1f min reached at step %d: saving and stopping", self.seconds / 60,
+                           state.global_step)
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
+            control.should_save = True
+        return control
+

@@ -90,10 +90,11 @@ class SynthHRRows:
     """Transform: stream positions `k` → rendered SynthHR training rows (picklable, for DataLoader workers)."""
 
     def __init__(self, scale: str = "mini", subsets: Sequence[str] | None = None, start: int = 0,
-                 budget: int | None = 256, prompt_mode: str = "lmms_eval", system: str | None = "default") -> None:
+                 budget: int | None = 256, prompt_mode: str = "lmms_eval", system: str | None = "default",
+                 n_candidates: int | None = None) -> None:
         from eval.synthhr import SUBSETS
 
-        self.scale, self.start, self.budget = scale, int(start), budget
+        self.scale, self.start, self.budget, self.n_candidates = scale, int(start), budget, n_candidates
         self.subsets = tuple(subsets or SUBSETS)
         self.prompt_mode, self.system = prompt_mode, system
         self._cfg = None
@@ -103,7 +104,7 @@ class SynthHRRows:
         if self._cfg is None:
             from eval.synthhr import SynthHRConfig
 
-            self._cfg = SynthHRConfig(scale=self.scale)
+            self._cfg = SynthHRConfig(scale=self.scale, n_candidates=self.n_candidates)
         return self._cfg
 
     def item(self, k: int) -> dict:
@@ -160,25 +161,28 @@ class LocalRows:
 
 
 def synthhr_dataset(n: int, *, scale: str = "mini", subsets: Sequence[str] | None = None, start: int = 0,
-                    budget: int | None = 256, prompt_mode: str = "lmms_eval", system: str | None = "default"):
-    """A map-style `datasets.Dataset` of `n` SynthHR training rows (positions start..start+n-1), built lazily."""
+                    budget: int | None = 256, prompt_mode: str = "lmms_eval", system: str | None = "default",
+                    n_candidates: int | None = None):
+    """A map-style `datasets.Dataset` of `n` SynthHR training rows (positions start..start+n-1), built lazily.
+    `n_candidates`: the generator's level (objects of the asked kind; 1 = single candidate, None = subset default)."""
     from datasets import Dataset
 
     return Dataset.from_dict({"k": list(range(int(n)))}).with_transform(
-        SynthHRRows(scale, subsets, start, budget, prompt_mode, system))
+        SynthHRRows(scale, subsets, start, budget, prompt_mode, system, n_candidates))
 
 
 class ItemRows:
     """Transform: item JSON → rendered rows (fixed evaluation items)."""
 
     def __init__(self, scale: str = "mini", budget: int | None = 256, prompt_mode: str = "lmms_eval",
-                 system: str | None = "default") -> None:
+                 system: str | None = "default", n_candidates: int | None = None) -> None:
         self.scale, self.budget, self.prompt_mode, self.system = scale, budget, prompt_mode, system
+        self.n_candidates = n_candidates
 
     def __call__(self, batch: dict) -> dict:
         from eval.synthhr import SynthHRConfig, render_item
 
-        cfg = SynthHRConfig(scale=self.scale)
+        cfg = SynthHRConfig(scale=self.scale, n_candidates=self.n_candidates)
         rows = []
         for text in batch["item_json"]:
             item = json.loads(text)
@@ -189,16 +193,17 @@ class ItemRows:
 
 def synthhr_eval_dataset(split: str = "test", *, subsets: Sequence[str] | None = None, limit: int = 50,
                          scale: str = "mini", budget: int | None = 256, prompt_mode: str = "lmms_eval",
-                         system: str | None = "default"):
+                         system: str | None = "default", n_candidates: int | None = None):
     """The first `limit` items of each subset of a SynthHR split (dev / test / tp), as lazily rendered rows."""
     from datasets import Dataset
 
     from eval.synthhr import SUBSETS, SynthHRConfig, make_items
 
-    cfg = SynthHRConfig(scale=scale)
+    cfg = SynthHRConfig(scale=scale, n_candidates=n_candidates)
     items = [it for s in (subsets or SUBSETS) for it in make_items(cfg, subset=s, split=split, n=int(limit))]
     texts = [json.dumps(it, default=_json_default, sort_keys=True) for it in items]
-    return Dataset.from_dict({"item_json": texts}).with_transform(ItemRows(scale, budget, prompt_mode, system))
+    return Dataset.from_dict({"item_json": texts}).with_transform(
+        ItemRows(scale, budget, prompt_mode, system, n_candidates))
 
 
 def local_dataset(path: str, *, budget: int | None = None, prompt_mode: str = "lmms_eval",

@@ -96,7 +96,7 @@ def evaluate(script_args, training_args, model_args, eval_args) -> dict:
 
     subsets = [s for s in eval_args.eval_subsets.split(",") if s] or None
     ds = synthhr_eval_dataset(eval_args.split, subsets=subsets, limit=eval_args.limit_per_subset,
-                              scale=script_args.synthhr_scale,
+                              scale=script_args.synthhr_scale, n_candidates=script_args.synthhr_n_candidates,
                               budget=script_args.needs_hr_budget or script_args.budget_tokens,
                               prompt_mode=script_args.prompt_mode)
     training_args.generation_kwargs = {**(training_args.generation_kwargs or {}), "do_sample": False}

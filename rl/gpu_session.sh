@@ -3,7 +3,10 @@
 #   setsid nohup bash rl/gpu_session.sh runs/gpu both > runs/gpu.log 2>&1 &
 # ours | deepeyes | both (both: ours on GPU 0, DeepEyes on GPU 1, in parallel; needs 2 GPUs).
 # Per agent: cold-start traces + SFT -> eval before RL -> GRPO -> eval after RL; then one comparison table.
-# Knobs (env): N_TRACES (2000), SFT_STEPS (300), RL_STEPS (120), EVAL_LIMIT (50 items per subset), MODEL (testbed),
+# Knobs (env): N_TRACES (2000), SFT_STEPS (300), RL_STEPS (120), RL_MINUTES (0: no limit; else GRPO stops with a
+# checkpoint after that much training time), EVAL_LIMIT (50 items per subset), MODEL (testbed), GPU_OURS (0) and
+# GPU_DEEPEYES (1 with `both`; set 0 to share one GPU: the testbed is small), LEVEL (SynthHR n_candidates, 1),
+# TRAIN_SUBSETS / EVAL_SUBSETS, BUDGET (576, as the configs),
 # RL_FLAGS / TRACE_FLAGS (extra flags, e.g. a CPU dry run:
 #   MODEL=tiny-random N_TRACES=4 SFT_STEPS=2 RL_STEPS=1 EVAL_LIMIT=1 TRACE_FLAGS="--budget_tokens 64 --needs_hr_budget 256" \
 #   RL_FLAGS="--use_cpu true --bf16 false --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
@@ -17,6 +20,13 @@ RL_STEPS=${RL_STEPS:-120}
 EVAL_LIMIT=${EVAL_LIMIT:-50}
 PY=${PY:-python3}
 MODEL=${MODEL:-testbed}
+RL_MINUTES=${RL_MINUTES:-0}
+GPU_OURS=${GPU_OURS:-0}
+GPU_DEEPEYES=${GPU_DEEPEYES:-}
+LEVEL=${LEVEL:-1}
+BUDGET=${BUDGET:-576}
+TRAIN_SUBSETS=${TRAIN_SUBSETS:-coarse,attr-cue,fsp-4k,chain}
+EVAL_SUBSETS=${EVAL_SUBSETS:-coarse,attr-cue,fsp-4k,chain,doc-code}
 RL_FLAGS=${RL_FLAGS:-}
 TRACE_FLAGS=${TRACE_FLAGS:-}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -28,19 +38,21 @@ agent() {  # agent NAME GPU CONFIG TRACE_FLAGS EVAL_FLAGS
   mkdir -p "$dir"
   echo "[$(date +%T)] $name: traces + SFT"
   CUDA_VISIBLE_DEVICES=$gpu $PY tools/make_agent_traces.py --model "$MODEL" --n "$N_TRACES" --out "$dir/traces" \
-      --sft_steps "$SFT_STEPS" --sft_batch 16 --sft_output "$dir/sft_policy" $trace_flags $TRACE_FLAGS > "$dir/sft.log" 2>&1 || return 1
+      --sft_steps "$SFT_STEPS" --sft_batch 16 --sft_output "$dir/sft_policy" --budget_tokens "$BUDGET" \
+      --n_candidates "$LEVEL" --subsets "$TRAIN_SUBSETS" $trace_flags $TRACE_FLAGS > "$dir/sft.log" 2>&1 || return 1
   echo "[$(date +%T)] $name: eval before RL"
   CUDA_VISIBLE_DEVICES=$gpu $PY rl/evaluate.py --config "$config" --model_name_or_path "$dir/sft_policy" \
       --output_dir "$dir/eval_before" --label "${name}_before" --limit_per_subset "$EVAL_LIMIT" \
-      --per_device_eval_batch_size 64 $eval_flags $RL_FLAGS \
+      --per_device_eval_batch_size 64 --eval_subsets "$EVAL_SUBSETS" $eval_flags $RL_FLAGS \
       > "$dir/eval_before.log" 2>&1 || return 1
   echo "[$(date +%T)] $name: GRPO"
   CUDA_VISIBLE_DEVICES=$gpu $PY rl/train_grpo.py --config "$config" --model_name_or_path "$dir/sft_policy" \
-      --output_dir "$dir/rl" --max_steps "$RL_STEPS" $RL_FLAGS > "$dir/rl.log" 2>&1 || return 1
+      --output_dir "$dir/rl" --max_steps "$RL_STEPS" --max_train_minutes "$RL_MINUTES" $RL_FLAGS \
+      > "$dir/rl.log" 2>&1 || return 1
   echo "[$(date +%T)] $name: eval after RL"
   CUDA_VISIBLE_DEVICES=$gpu $PY rl/evaluate.py --config "$config" --model_name_or_path "$dir/rl/policy" \
       --output_dir "$dir/eval_after" --label "${name}_after" --limit_per_subset "$EVAL_LIMIT" \
-      --per_device_eval_batch_size 64 $eval_flags $RL_FLAGS \
+      --per_device_eval_batch_size 64 --eval_subsets "$EVAL_SUBSETS" $eval_flags $RL_FLAGS \
       > "$dir/eval_after.log" 2>&1 || return 1
   cp "$dir/rl/curves.png" "$OUT/${name}_curves.png" 2>/dev/null
   echo "[$(date +%T)] $name: done"
@@ -51,9 +63,9 @@ deepeyes() { agent deepeyes "${1:-0}" rl/configs/deepeyes_compare.yaml \
   "--tool deepeyes --fuse_crops false --size_hint true --sft_lr 3e-4" ""; }
 
 case $WHICH in
-  ours) ours 0 ;;
-  deepeyes) deepeyes 0 ;;
-  both) ours 0 & deepeyes 1 & wait ;;
+  ours) ours "$GPU_OURS" ;;
+  deepeyes) deepeyes "${GPU_DEEPEYES:-0}" ;;
+  both) ours "$GPU_OURS" & deepeyes "${GPU_DEEPEYES:-1}" & wait ;;
 esac
 runs=$(ls -d "$OUT"/*/eval_before "$OUT"/*/eval_after 2>/dev/null | tr '\n' ',')
 [ -n "$runs" ] && $PY rl/evaluate.py --compare "${runs%,}" --output_dir "$OUT" > "$OUT/comparison.log" 2>&1

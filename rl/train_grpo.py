@@ -36,7 +36,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
 from qzoom_agent.aligned_positions import install_aligned_positions, is_aligned  # noqa: E402
 from qzoom_agent.errors import QZoomError  # noqa: E402
-from rl.callbacks import ZoomStatsCallback  # noqa: E402
+from rl.callbacks import TimeLimitCallback, ZoomStatsCallback  # noqa: E402
 from rl.env import EnvContext, make_env_factory, tool_name  # noqa: E402
 from rl.rewards import DEFAULT_WEIGHTS, CollapseGuard, ZoomRewards  # noqa: E402
 
@@ -53,6 +53,8 @@ class ScriptArguments:
     synthhr_scale: str = field(default="mini", metadata={"help": "mini | full"})
     synthhr_subsets: str = field(default="", metadata={"help": "comma-separated subsets (empty: all 11)"})
     synthhr_start: int = field(default=0, metadata={"help": "first stream position (resume / disjoint runs)"})
+    synthhr_n_candidates: int | None = field(default=None, metadata={
+        "help": "SynthHR level: objects of the asked kind (1: single candidate; empty: each subset's default)"})
     num_train_items: int = field(default=4096, metadata={"help": "rows of the (lazily rendered) dataset"})
     budget_tokens: int = field(default=256, metadata={"help": "visual tokens per image (coarse view and crops)"})
     min_visual_tokens: int | None = field(default=None, metadata={"help": "lower budget (default: the model's)"})
@@ -70,6 +72,8 @@ class ScriptArguments:
     scripted_p_zoom: float = field(default=0.6, metadata={"help": "scripted policy: first-turn zoom probability"})
     init_heads: bool = field(default=False, metadata={"help": "twig-init Q-Zoom heads when the model has none"})
     save_policy: bool = field(default=True, metadata={"help": "write <output_dir>/policy (merged QZoomModel)"})
+    max_train_minutes: float = field(default=0.0, metadata={
+        "help": "stop (with a checkpoint) after this much training wall time; 0: no limit"})
     cpu_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (CPU runs on busy boxes)"})
 
 
@@ -78,7 +82,8 @@ class PolicyConfig(ModelConfig):
     """TRL's ModelConfig (dtype, attention, LoRA) with our defaults and the policy-specific switches."""
 
     model_name_or_path: str | None = field(default="testbed", metadata={
-        "help": "testbed | tiny-random | tiny-random-qwen3 | a QZoomModel folder (Qwen2.5-VL/Qwen3-VL + heads)"})
+        "help": "testbed (with its trained Q-Zoom heads) | tiny-random | tiny-random-qwen3 | a QZoomModel folder "
+                "(Qwen2.5-VL/Qwen3-VL + heads)"})
     use_peft: bool = field(default=True, metadata={"help": "LoRA (peft); false: full fine-tuning"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     freeze_vision: bool = field(default=True, metadata={"help": "full FT: keep the vision tower frozen"})
@@ -112,13 +117,19 @@ def load_policy(model_args: PolicyConfig, script_args: ScriptArguments, output_d
             torch.manual_seed(1)
             QZoomModel.from_backbone(hf, proc, cfg).save_pretrained(path)
         name = str(path)
-    if name == "testbed":
-        from qzoom_agent.testbed import WEIGHTS_DIR, load_testbed
+    if name in ("testbed", "testbed-qzoom"):
+        # the shipped testbed with its trained Q-Zoom heads (the policy of every run, ours and DeepEyes'), or the
+        # bare testbed where the heads were never trained
+        from qzoom_agent.testbed import QZOOM_DIR, WEIGHTS_DIR, load_testbed, load_testbed_qzoom
 
-        if not (Path(WEIGHTS_DIR) / "config.json").exists():
-            raise QZoomError(f"no testbed weights in {WEIGHTS_DIR} (train them with tools/train_testbed.py, or pass "
-                             "--model_name_or_path tiny-random for a smoke run)")
-        qzoom = load_testbed(dtype=dtype or torch.float32)
+        if (Path(QZOOM_DIR) / "qzoom_config.json").exists():
+            qzoom = load_testbed_qzoom(dtype=dtype or torch.float32)
+        elif name == "testbed" and (Path(WEIGHTS_DIR) / "config.json").exists():
+            qzoom = load_testbed(dtype=dtype or torch.float32)
+        else:
+            raise QZoomError(f"no testbed weights in {QZOOM_DIR} or {WEIGHTS_DIR} (train them with "
+                             "tools/train_testbed.py and tools/train_qzoom_heads.py, or pass --model_name_or_path "
+                             "tiny-random for a smoke run)")
     else:
         path = Path(name)
         if not (path / "qzoom_config.json").exists():
@@ -128,7 +139,7 @@ def load_policy(model_args: PolicyConfig, script_args: ScriptArguments, output_d
     if script_args.environment == "zoom" and qzoom.roi_head is None:
         if not script_args.init_heads:
             raise QZoomError(f"{name} has no RoI head, so `zoom` cannot propose regions: train the heads first "
-                             "(tools/train_qzoom_testbed.py) or pass --init_heads true (twig-initialised, untrained)")
+                             "(tools/train_qzoom_heads.py) or pass --init_heads true (twig-initialised, untrained)")
         qzoom.config.has_roi_head, qzoom.config.has_gate = True, True
         qzoom.init_heads()
     set_budget(qzoom, script_args.budget_tokens, script_args.min_visual_tokens)
@@ -206,6 +217,7 @@ def build_dataset(script_args: ScriptArguments):
         subsets = [s.strip() for s in script_args.synthhr_subsets.split(",") if s.strip()] or None
         return synthhr_dataset(script_args.num_train_items, scale=script_args.synthhr_scale, subsets=subsets,
                                start=script_args.synthhr_start, budget=label_budget,
+                               n_candidates=script_args.synthhr_n_candidates,
                                prompt_mode=script_args.prompt_mode)
     return local_dataset(script_args.dataset, budget=label_budget, prompt_mode=script_args.prompt_mode,
                          limit=script_args.num_train_items)
@@ -295,13 +307,28 @@ def save_policy(trainer: GRPOTrainer, run: Run, path: Path) -> Path:
     return path
 
 
+def resume_checkpoint(training_args: GRPOConfig) -> str | None:
+    """`--resume_from_checkpoint last` → the newest checkpoint in output_dir (None if there is none yet, so the
+    same command starts or resumes); any other value is passed to `Trainer.train` unchanged."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = training_args.resume_from_checkpoint
+    if value in ("last", "latest", "auto"):
+        out = Path(training_args.output_dir)
+        return get_last_checkpoint(str(out)) if out.is_dir() else None
+    if value and not Path(value).is_dir():
+        raise QZoomError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return value or None
+
+
 def main(argv: list[str] | None = None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     parser = TrlParser((ScriptArguments, GRPOConfig, PolicyConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     t0 = time.perf_counter()
-    trainer, run = build_trainer(script_args, training_args, model_args)
-    result = trainer.train()
+    callbacks = [TimeLimitCallback(script_args.max_train_minutes)] if script_args.max_train_minutes > 0 else []
+    trainer, run = build_trainer(script_args, training_args, model_args, callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the full log history (the curves' data)
     out = Path(training_args.output_dir)
@@ -309,6 +336,7 @@ def main(argv: list[str] | None = None):
         if script_args.save_policy:
             save_policy(trainer, run, out / "policy")
         summary = {"seconds": round(time.perf_counter() - t0, 1), "global_step": trainer.state.global_step,
+                   "stopped_by_time_limit": bool(callbacks and callbacks[0].stopped_at is not None),
                    "num_processes": trainer.accelerator.num_processes,
                    "metrics": result.metrics, "zoom": run.stats.summary(),
                    "script_args": asdict(script_args), "model_args": asdict(model_args)}

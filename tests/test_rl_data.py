@@ -55,3 +55,18 @@ def test_local_jsonl_and_parquet(tmp_path):
         str(pq / "train.parquet"))
     row = local_dataset(str(pq))[0]
     assert row["images"][0].size == (320, 240) and score_answer(row["item"], "red") == 1.0
+
+
+def test_n_candidates_sets_the_generator_level_of_rows_and_eval_items():
+    """`synthhr_n_candidates: 1` (the testbed configs) must reach the generator, or RL trains on items with several
+    objects of the asked kind, which the testbed cannot bind (issue #4)."""
+    from rl.data import synthhr_eval_dataset
+
+    default = synthhr_dataset(6, budget=576, subsets=["attr-cue"])
+    single = synthhr_dataset(6, budget=576, subsets=["attr-cue"], n_candidates=1)
+    levels = [json.loads(single[k]["item"])["n_candidates"] for k in range(6)]
+    assert levels == [1] * 6
+    assert any(json.loads(default[k]["item"])["n_candidates"] > 1 for k in range(6))
+    ev = synthhr_eval_dataset("test", subsets=["attr-cue"], limit=3, budget=576, n_candidates=1)
+    assert [json.loads(ev[k]["item"])["n_candidates"] for k in range(3)] == [1, 1, 1]
+    assert all(ev[k]["needs_hr"] == json.loads(ev[k]["item"])["needs_hr@576"] for k in range(3))

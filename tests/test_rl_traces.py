@@ -117,3 +117,13 @@ def test_query_none_traces_call_zoom_without_arguments(run):
     rec = mat.make_trace(qzoom, row, mat.TraceArgs(query="none"))
     assert rec["messages"][2]["tool_calls"][0]["function"] == {"name": "zoom", "arguments": {}}
     assert rec["messages"][3]["content"][1]["text"].startswith("<zoom src=0 cells=")
+
+
+def test_rendered_rows_with_workers_keep_the_stream_order():
+    from rl.data import SynthHRRows
+
+    rows = SynthHRRows("mini", ["coarse", "attr-cue"], 1_000_000, 576, n_candidates=1)
+    serial = [r["item"] for r in mat.rendered(rows, range(4), workers=0)]
+    parallel = list(mat.rendered(rows, range(4), workers=2))
+    assert [r["item"] for r in parallel] == serial
+    assert parallel[1]["images"][0].tobytes() == rows.row(1)["images"][0].tobytes()

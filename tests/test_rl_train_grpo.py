@@ -163,3 +163,47 @@ def test_full_ft_reference_model_gets_the_seam_deepeyes_env(tmp_path):
     assert any(p.requires_grad for p in run.qzoom.backbone.layers[-1].parameters())
     trainer.train()
     assert trainer.state.global_step == 1 and run.stats.batches and run.stats.batches[0]["calls_per_item"] > 0
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resume_finds_it(tmp_path, monkeypatch):
+    from transformers import TrainerControl, TrainerState
+
+    from rl import callbacks as cb
+    from rl.train_grpo import resume_checkpoint
+
+    with pytest.raises(ValueError, match="minutes > 0"):
+        cb.TimeLimitCallback(0)
+    clock = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    limit, state, control = cb.TimeLimitCallback(2.0), TrainerState(), TrainerControl()
+    limit.on_train_begin(None, state, control)
+    state.global_step = 3
+    clock[0] += 119
+    limit.on_step_end(None, state, control)
+    assert not control.should_training_stop and limit.stopped_at is None
+    clock[0] += 2
+    limit.on_step_end(None, state, control)
+    assert control.should_training_stop and control.should_save and limit.stopped_at == 3
+
+    _, args, _ = parse(["--config", str(SMOKE), "--output_dir", str(tmp_path / "run"),
+                        "--resume_from_checkpoint", "last"])
+    assert resume_checkpoint(args) is None                      # nothing yet: the same command starts the run
+    for step in (2, 10):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+    assert resume_checkpoint(args) == str(tmp_path / "run" / "checkpoint-10")
+    args.resume_from_checkpoint = str(tmp_path / "nowhere")
+    from qzoom_agent.errors import QZoomError
+
+    with pytest.raises(QZoomError, match="no such checkpoint"):
+        resume_checkpoint(args)
+
+
+def test_testbed_policy_is_the_testbed_with_its_trained_heads():
+    from qzoom_agent.testbed import QZOOM_DIR
+    from rl.train_grpo import PolicyConfig, ScriptArguments, load_policy
+
+    if not (QZOOM_DIR / "qzoom_config.json").exists():
+        pytest.fail("the shipped Q-Zoom testbed is missing")
+    qzoom = load_policy(PolicyConfig(model_name_or_path="testbed"), ScriptArguments(budget_tokens=576), "unused")
+    assert qzoom.roi_head is not None and qzoom.gate_head is not None
+    assert qzoom.config.max_visual_tokens == 576

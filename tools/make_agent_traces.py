@@ -43,6 +43,8 @@ class TraceArgs:
     start: int = field(default=1_000_000, metadata={"help": "SynthHR stream position (disjoint from RL's 0..)"})
     subsets: str = field(default="", metadata={"help": "comma-separated SynthHR subsets (empty: all)"})
     scale: str = "mini"
+    n_candidates: int | None = field(default=None, metadata={
+        "help": "SynthHR level: objects of the asked kind (1: single candidate; empty: each subset's default)"})
     budget_tokens: int = field(default=256, metadata={"help": "visual budget (as rl/train_grpo.py)"})
     needs_hr_budget: int | None = field(default=None, metadata={"help": "needs_hr@B label (default budget)"})
     format: str = field(default="jsonl", metadata={"help": "jsonl | parquet"})
@@ -64,6 +66,7 @@ class TraceArgs:
     device: str = "auto"
     eval_n: int = field(default=32, metadata={"help": "held-out items for the post-SFT format check"})
     cpu_threads: int | None = None
+    workers: int = field(default=0, metadata={"help": "processes rendering SynthHR rows while the model runs"})
 
 
 # ------------------------------------------------------------------------------------------------ traces
@@ -92,6 +95,17 @@ def padded_box(box, image_wh, pad: float = 0.25, min_px: int = 56) -> list[int]:
     dx, dy = max(pad * w, (min_px - w) / 2, 0), max(pad * h, (min_px - h) / 2, 0)
     W, H = image_wh
     return [int(max(0, x0 - dx)), int(max(0, y0 - dy)), int(min(W, x1 + dx + 0.5)), int(min(H, y1 + dy + 0.5))]
+
+
+def rendered(rows, positions, workers: int = 0):
+    """Rows at stream `positions`, in order; rendered by `workers` processes (a DataLoader) when > 0."""
+    if workers <= 0:
+        yield from (rows.row(k) for k in positions)
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(list(positions), batch_size=None, num_workers=workers, collate_fn=rows.row,
+                          prefetch_factor=4)
 
 
 def make_trace(qzoom, row: dict, args: TraceArgs) -> dict:
@@ -331,11 +345,12 @@ def main(argv=None) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     qzoom.to(device)
     subsets = [s for s in args.subsets.split(",") if s] or None
-    rows = SynthHRRows(args.scale, subsets, args.start, args.needs_hr_budget or args.budget_tokens)
+    rows = SynthHRRows(args.scale, subsets, args.start, args.needs_hr_budget or args.budget_tokens,
+                       n_candidates=args.n_candidates)
     report = {"args": asdict(args)}
     t0 = time.perf_counter()
     if args.n:
-        records = [make_trace(qzoom, rows.row(k), args) for k in range(args.n)]
+        records = [make_trace(qzoom, row, args) for row in rendered(rows, range(args.n), args.workers)]
         path = write_traces(records, out, args.format)
         sources = [r["crop_source"] for r in records if r["crop_source"]]
         report["traces"] = {"path": str(path), "n": len(records), "zoom": len(sources),
