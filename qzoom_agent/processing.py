@@ -76,11 +76,20 @@ def build_processor(tokenizer, family: str = "qwen2_5_vl", *, min_pixels: int | 
                chat_template=chat_template or tokenizer.chat_template)
 
 
+def _saved_with_video_processor(path: Path) -> bool:
+    """Folders saved where torchvision was missing have no video processor, and AutoProcessor refuses them."""
+    if (path / "video_preprocessor_config.json").exists():
+        return True
+    cfg = path / "processor_config.json"
+    return cfg.exists() and bool(json.loads(cfg.read_text()).get("video_processor"))  # saved as null without
+
+
 def load_processor(path: str | os.PathLike, family: str | None = None):
     """Load a processor saved by `save_pretrained` (ours or a real Qwen release), offline, torchvision optional."""
     path = Path(path)
-    if transformers.utils.is_torchvision_available():
+    if transformers.utils.is_torchvision_available() and _saved_with_video_processor(path):
         return transformers.AutoProcessor.from_pretrained(path)
+    # no torchvision, or a folder saved without one (no video processor config: AutoProcessor would refuse it)
     _allow_missing_video_processor()
     cfg_file = path / "processor_config.json"
     if cfg_file.exists():
@@ -99,4 +108,6 @@ def load_processor(path: str | os.PathLike, family: str | None = None):
     template_file = path / "chat_template.jinja"
     template = template_file.read_text() if template_file.exists() else tokenizer.chat_template
     cls = getattr(transformers, cls_name)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template)
+    video = _video_processor("qwen3_vl" if "Qwen3" in cls_name else "qwen2_5_vl", image_processor.patch_size,
+                             image_processor.merge_size)
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video, chat_template=template)

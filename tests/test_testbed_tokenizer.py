@@ -80,3 +80,34 @@ def test_shipped_weights_within_limits():
     assert sum(f.stat().st_size for f in w.iterdir()) <= 60 * 2**20
     idx = json.loads((w / "model.safetensors.index.json").read_text())
     assert idx["metadata"]["total_size"] / 2 <= 30e6          # bf16: 2 bytes a parameter
+
+
+def test_folder_saved_without_torchvision_loads_where_torchvision_is(tmp_path, tok, monkeypatch):
+    """A processor saved on a box without torchvision has no video processor; on a box with torchvision
+    `AutoProcessor` refuses such a folder (OSError: video_preprocessor_config.json), which stopped the first GPU RL
+    run. `load_processor` must build it itself there, with a video processor, and keep AutoProcessor for complete
+    folders."""
+    import transformers
+
+    from qzoom_agent import processing
+    from qzoom_agent.testbed.model import build_processor_for
+
+    build_processor_for(tok).save_pretrained(tmp_path)
+    assert not processing._saved_with_video_processor(tmp_path)
+    monkeypatch.setattr(transformers.utils, "is_torchvision_available", lambda: True)
+    built = []
+    monkeypatch.setattr(processing, "_video_processor", lambda family, patch, merge: built.append((family, patch,
+                                                                                                  merge)))
+
+    def refuse(path, *a, **k):
+        raise OSError(f"Can't load video processor for '{path}'")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
+    proc = processing.load_processor(tmp_path, "qwen2_5_vl")
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor" and built == [("qwen2_5_vl", 14, 2)]
+    cfg = json.loads((tmp_path / "processor_config.json").read_text())
+    cfg["video_processor"] = {"patch_size": 14}
+    (tmp_path / "processor_config.json").write_text(json.dumps(cfg))
+    assert processing._saved_with_video_processor(tmp_path)
+    with pytest.raises(OSError, match="video processor"):       # a complete folder goes to AutoProcessor
+        processing.load_processor(tmp_path, "qwen2_5_vl")

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-QZOOM_DIR = Path(__file__).with_name("qzoom")      # the testbed after Q-Zoom's three stages (tools/train_qzoom_heads.py)
+# The shipped folders, or copies elsewhere (env QZOOM_TESTBED_WEIGHTS / QZOOM_TESTBED_QZOOM: a device copy of the
+# checkout that must not carry 100 MiB of weights on every call, a read-only install with the weights unpacked apart)
+WEIGHTS_DIR = Path(os.environ.get("QZOOM_TESTBED_WEIGHTS") or Path(__file__).with_name("weights"))
+# the testbed after Q-Zoom's three stages (tools/train_qzoom_heads.py)
+QZOOM_DIR = Path(os.environ.get("QZOOM_TESTBED_QZOOM") or Path(__file__).with_name("qzoom"))
 CELL = 28
 
 
