@@ -159,3 +159,26 @@ class TimeLimitCallback(TrainerCallback):
             control.should_save = True
         return control
 
+
+
+def log_history_from_text(text: str) -> list[dict]:
+    """The trainer's printed per-step metric dicts (`{'loss': '0.1', ...}` lines of a log) as a log history with
+    `step` 1, 2, ...: curves of a run that was stopped before `save_state` wrote trainer_state.json."""
+    import ast
+    import re
+
+    history = []
+    for match in re.finditer(r"\{'loss': [^{}]*\}", text):
+        try:
+            raw = ast.literal_eval(match.group(0))
+        except (SyntaxError, ValueError):
+            continue
+        row = {}
+        for k, v in raw.items():
+            try:
+                row[k] = float(v)
+            except (TypeError, ValueError):
+                row[k] = v
+        row["step"] = len(history) + 1
+        history.append(row)
+    return history

@@ -195,3 +195,15 @@ def test_callback_warns_on_zero_call_rate_and_writes_outputs(tmp_path, caplog):
     history = [{"step": i, "reward": 0.1 * i, "zoom/call_rate": 0.5, "zoom/call_rate_needs_hr": 0.6} for i in range(3)]
     png = plot_curves(history, tmp_path / "curves.png")
     assert png.stat().st_size > 1000
+
+
+def test_log_history_from_text_reads_printed_metrics(tmp_path):
+    from rl.callbacks import log_history_from_text, plot_curves
+
+    text = ("noise {'loss': '-0.006', 'reward': '0.25', 'zoom/call_rate': '0.5'}\r 2%|x| 1/400 "
+            "{'loss': '0.01', 'reward': '0.41', 'zoom/call_rate': '0.75'}\n"
+            "{'train_runtime': '12.4'} {'loss': broken}")
+    hist = log_history_from_text(text)
+    assert [h["step"] for h in hist] == [1, 2] and [h["reward"] for h in hist] == [0.25, 0.41]
+    assert hist[1]["zoom/call_rate"] == 0.75
+    assert plot_curves(hist, tmp_path / "c.png").exists()

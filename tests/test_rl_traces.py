@@ -49,7 +49,8 @@ def test_sft_trains_assistant_tokens_with_fused_crops(run, tmp_path):
 
     out, report = run
     assert report["sft"]["last_loss"] < report["sft"]["first_loss"]
-    assert set(report["format_check"]) == {"needs_hr", "coarse"}
+    assert set(report["format_check"]) == {"needs_hr", "coarse"} == set(report["format_check_before"])
+    assert {"direct_answered", "direct_accuracy"} <= set(report["format_check"]["coarse"])
     qzoom = QZoomModel.from_pretrained(out / "sft")
     assert qzoom.config.max_visual_tokens == 64
     match_processor_budget(qzoom.processor, qzoom)
@@ -127,3 +128,34 @@ def test_rendered_rows_with_workers_keep_the_stream_order():
     parallel = list(mat.rendered(rows, range(4), workers=2))
     assert [r["item"] for r in parallel] == serial
     assert parallel[1]["images"][0].tobytes() == rows.row(1)["images"][0].tobytes()
+
+
+def test_format_check_scores_direct_answers(run):
+    """`direct_accuracy` is the eval's score of answers given without a tool call: right letters score 1, wrong 0
+    (the guard that would have flagged the first GPU cold start, which halved the policy's accuracy)."""
+    import torch
+
+    from rl.data import SynthHRRows
+    from rl.train_grpo import PolicyConfig, ScriptArguments, load_policy, match_processor_budget
+
+    out, _ = run
+    qzoom = load_policy(PolicyConfig(model_name_or_path="tiny-random"), ScriptArguments(budget_tokens=64),
+                        str(out / "fc"))
+    match_processor_budget(qzoom.processor, qzoom)
+    rows = [r for r in (SynthHRRows("mini", ["coarse"], 2_000_000, 256).row(k) for k in range(2))]
+    tok = qzoom.processor.tokenizer
+
+    def answering(letter_of):
+        def generate(input_ids=None, **kw):
+            row = rows[calls.pop(0)]
+            text = f"<answer>{letter_of(json.loads(row['item']))}</answer><|im_end|>"
+            new = torch.tensor([tok.encode(text, add_special_tokens=False)])
+            return torch.cat([input_ids, new], dim=1)
+        return generate
+
+    for letter_of, want in ((lambda it: it["answer"], 1.0), (lambda it: "D" if it["answer"] != "D" else "C", 0.0)):
+        calls = [0, 1]
+        qzoom.base.generate = answering(letter_of)
+        res = mat.format_check(qzoom, rows, mat.TraceArgs())
+        assert res["coarse"]["direct_answered"] == 2 and res["coarse"]["direct_accuracy"] == want
+        assert res["coarse"]["direct_answer_rate"] == 1.0 and res["coarse"]["tool_call_rate"] == 0.0

@@ -294,7 +294,11 @@ def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
 @torch.no_grad()
 def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int = 64) -> dict:
     """Greedy first turn on held-out rows: does the policy call its tool (validly) on needs_hr items and answer
-    coarse ones directly?"""
+    coarse ones directly, and are its direct answers still right? (`direct_accuracy`: the eval's score of the
+    first turn on the items answered without a tool call; run before and after the SFT, it shows whether the cold
+    start cost the policy its answers, as the first GPU run's did: eval/results/rl_testbed_h100_partial.)"""
+    from rl.rewards import score_answer
+
     from trl.chat_template_utils import add_response_schema
 
     from rl.env import EnvContext, make_env_factory, tool_name
@@ -304,6 +308,7 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
     schema, name = tool_schemas(qzoom, args.tool)[0], tool_name(args.tool)
     env = make_env_factory(EnvContext(qzoom, size_hint=args.size_hint), args.tool)()
     counts = {"needs_hr": [0, 0, 0], "coarse": [0, 0, 0]}  # items, tool calls, direct answers
+    scores: dict[str, list[float]] = {"needs_hr": [], "coarse": []}  # direct (no tool call) answers
     for row in rows:
         conv = with_images(row["prompt"], row["images"])
         hint = env.reset(**row)
@@ -322,8 +327,13 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
         key = "needs_hr" if row["needs_hr"] else "coarse"
         counts[key][0] += 1
         counts[key][1] += int(any(c.get("function", {}).get("name") == name for c in calls))
+        text = parsed.get("content") or tok.decode(new, skip_special_tokens=True)
         counts[key][2] += int(not calls and "<answer>" in (parsed.get("content") or tok.decode(new)))
-    return {k: {"items": n, "tool_call_rate": c / n if n else None, "direct_answer_rate": a / n if n else None}
+        if not calls:
+            scores[key].append(score_answer(row["item"], text))
+    return {k: {"items": n, "tool_call_rate": c / n if n else None, "direct_answer_rate": a / n if n else None,
+                "direct_answered": len(scores[k]),
+                "direct_accuracy": sum(scores[k]) / len(scores[k]) if scores[k] else None}
             for k, (n, c, a) in counts.items()}
 
 
@@ -359,11 +369,16 @@ def main(argv=None) -> dict:
         print(json.dumps(report["traces"]))
     if args.sft_steps:
         records = read_traces(out)
+        held_out = [rows.row(args.n + 10_000 + k) for k in range(args.eval_n)]
+        report["format_check_before"] = format_check(qzoom, held_out, args)
         losses = sft(qzoom, records, args)
         report["sft"] = {"steps": args.sft_steps, "first_loss": losses[0], "last_loss": losses[-1]}
-        held_out = [rows.row(args.n + 10_000 + k) for k in range(args.eval_n)]
         report["format_check"] = format_check(qzoom, held_out, args)
-        print(json.dumps(report["format_check"]))
+        print(json.dumps({"before_sft": report["format_check_before"], "after_sft": report["format_check"]}))
+        before, after = (report[k]["coarse"]["direct_accuracy"] for k in ("format_check_before", "format_check"))
+        if before is not None and after is not None and after < before - 0.1:
+            print(f"WARNING: the cold start cost the policy its answers: direct accuracy on coarse items "
+                  f"{before:.2f} -> {after:.2f} (lower --sft_lr, fewer --sft_steps, or --sft_use_peft)")
         from qzoom_agent.aligned_positions import uninstall_aligned_positions
 
         uninstall_aligned_positions(qzoom.base)
