@@ -6,9 +6,10 @@
 # Knobs (env): N_TRACES (2000), SFT_STEPS (300), RL_STEPS (120), RL_MINUTES (0: no limit; else GRPO stops with a
 # checkpoint after that much training time), EVAL_LIMIT (50 items per subset), MODEL (testbed), GPU_OURS (0) and
 # GPU_DEEPEYES (1 with `both`; set 0 to share one GPU: the testbed is small), LEVEL (SynthHR n_candidates, 1),
-# TRAIN_SUBSETS / EVAL_SUBSETS, BUDGET (576, as the configs),
+# TRAIN_SUBSETS / EVAL_SUBSETS, BUDGET (576, as the configs), MAX_ACC_DROP (0.15: the cold start stops the agent
+# when it lowers direct-answer accuracy on coarse held-out items by more; the first GPU run's halved it),
 # RL_FLAGS / TRACE_FLAGS (extra flags, e.g. a CPU dry run:
-#   MODEL=tiny-random N_TRACES=4 SFT_STEPS=2 RL_STEPS=1 EVAL_LIMIT=1 TRACE_FLAGS="--budget_tokens 64 --needs_hr_budget 256" \
+#   MODEL=tiny-random N_TRACES=4 SFT_STEPS=2 RL_STEPS=1 EVAL_LIMIT=1 BUDGET=64 TRACE_FLAGS="--needs_hr_budget 256" \
 #   RL_FLAGS="--use_cpu true --bf16 false --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
 #   --num_generations 2 --budget_tokens 64 --needs_hr_budget 256 --dataloader_num_workers 0" bash rl/gpu_session.sh /tmp/dry ours)
 set -uo pipefail
@@ -27,6 +28,7 @@ LEVEL=${LEVEL:-1}
 BUDGET=${BUDGET:-576}
 TRAIN_SUBSETS=${TRAIN_SUBSETS:-coarse,attr-cue,fsp-4k,chain}
 EVAL_SUBSETS=${EVAL_SUBSETS:-coarse,attr-cue,fsp-4k,chain,doc-code}
+MAX_ACC_DROP=${MAX_ACC_DROP:-0.15}
 RL_FLAGS=${RL_FLAGS:-}
 TRACE_FLAGS=${TRACE_FLAGS:-}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -39,7 +41,8 @@ agent() {  # agent NAME GPU CONFIG TRACE_FLAGS EVAL_FLAGS
   echo "[$(date +%T)] $name: traces + SFT"
   CUDA_VISIBLE_DEVICES=$gpu $PY tools/make_agent_traces.py --model "$MODEL" --n "$N_TRACES" --out "$dir/traces" \
       --sft_steps "$SFT_STEPS" --sft_batch 16 --sft_output "$dir/sft_policy" --budget_tokens "$BUDGET" \
-      --n_candidates "$LEVEL" --subsets "$TRAIN_SUBSETS" $trace_flags $TRACE_FLAGS > "$dir/sft.log" 2>&1 || return 1
+      --n_candidates "$LEVEL" --subsets "$TRAIN_SUBSETS" --eval_n 96 --max_accuracy_drop "$MAX_ACC_DROP" \
+      $trace_flags $TRACE_FLAGS > "$dir/sft.log" 2>&1 || { echo "[$(date +%T)] $name: cold start failed"; return 1; }
   echo "[$(date +%T)] $name: eval before RL"
   CUDA_VISIBLE_DEVICES=$gpu $PY rl/evaluate.py --config "$config" --model_name_or_path "$dir/sft_policy" \
       --output_dir "$dir/eval_before" --label "${name}_before" --limit_per_subset "$EVAL_LIMIT" \

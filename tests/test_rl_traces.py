@@ -159,3 +159,27 @@ def test_format_check_scores_direct_answers(run):
         res = mat.format_check(qzoom, rows, mat.TraceArgs())
         assert res["coarse"]["direct_answered"] == 2 and res["coarse"]["direct_accuracy"] == want
         assert res["coarse"]["direct_answer_rate"] == 1.0 and res["coarse"]["tool_call_rate"] == 0.0
+
+
+def test_cold_start_that_costs_answers_is_refused(tmp_path, monkeypatch):
+    """--max_accuracy_drop: when the SFT lowers direct accuracy on coarse items by more than the limit, the script
+    stops with a clear error, keeps report.json, and does not save the policy."""
+    from qzoom_agent.errors import QZoomError
+
+    checks = iter([{"needs_hr": {"direct_accuracy": None}, "coarse": {"direct_accuracy": 0.5}},
+                   {"needs_hr": {"direct_accuracy": None}, "coarse": {"direct_accuracy": 0.2}}])
+    monkeypatch.setattr(mat, "format_check", lambda *a, **k: next(checks))
+    monkeypatch.setattr(mat, "sft", lambda *a, **k: [2.0, 1.0])
+    out = tmp_path / "t"
+    argv = ["--model", "tiny-random", "--n", "2", "--out", str(out), "--budget_tokens", "64", "--needs_hr_budget",
+            "256", "--subsets", "coarse", "--sft_steps", "1", "--sft_output", str(tmp_path / "sft"), "--eval_n", "1",
+            "--max_accuracy_drop", "0.2"]
+    with pytest.raises(QZoomError, match="cold start refused: coarse direct accuracy fell by 0.30"):
+        mat.main(argv)
+    report = json.loads((out / "report.json").read_text())
+    assert report["sft"]["coarse_direct_accuracy_drop"] == pytest.approx(0.3)
+    assert not (tmp_path / "sft").exists()
+    checks = iter([{"needs_hr": {}, "coarse": {"direct_accuracy": 0.5}},
+                   {"needs_hr": {}, "coarse": {"direct_accuracy": 0.4}}])
+    assert mat.main(argv[:-2] + ["--n", "0"])["sft"]["coarse_direct_accuracy_drop"] == pytest.approx(0.1)
+    assert (tmp_path / "sft" / "qzoom_config.json").exists()

@@ -67,6 +67,9 @@ class TraceArgs:
     eval_n: int = field(default=32, metadata={"help": "held-out items for the post-SFT format check"})
     cpu_threads: int | None = None
     workers: int = field(default=0, metadata={"help": "processes rendering SynthHR rows while the model runs"})
+    max_accuracy_drop: float = field(default=-1.0, metadata={
+        "help": "fail (exit 2, nothing saved) when the SFT lowers direct-answer accuracy on coarse items by more "
+                "than this (0.1 = 10 points); < 0: only warn"})
 
 
 # ------------------------------------------------------------------------------------------------ traces
@@ -376,9 +379,17 @@ def main(argv=None) -> dict:
         report["format_check"] = format_check(qzoom, held_out, args)
         print(json.dumps({"before_sft": report["format_check_before"], "after_sft": report["format_check"]}))
         before, after = (report[k]["coarse"]["direct_accuracy"] for k in ("format_check_before", "format_check"))
-        if before is not None and after is not None and after < before - 0.1:
+        drop = before - after if before is not None and after is not None else 0.0
+        report["sft"]["coarse_direct_accuracy_drop"] = drop
+        if drop > max(0.1, args.max_accuracy_drop):
             print(f"WARNING: the cold start cost the policy its answers: direct accuracy on coarse items "
                   f"{before:.2f} -> {after:.2f} (lower --sft_lr, fewer --sft_steps, or --sft_use_peft)")
+        if 0 <= args.max_accuracy_drop < drop:
+            (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+            from qzoom_agent.errors import QZoomError
+
+            raise QZoomError(f"cold start refused: coarse direct accuracy fell by {drop:.2f} > --max_accuracy_drop "
+                             f"{args.max_accuracy_drop} ({out / 'report.json'}); the policy was not saved")
         from qzoom_agent.aligned_positions import uninstall_aligned_positions
 
         uninstall_aligned_positions(qzoom.base)
@@ -389,4 +400,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from qzoom_agent.errors import QZoomError
+
+    try:
+        main()
+    except QZoomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
