@@ -108,6 +108,6 @@ def load_processor(path: str | os.PathLike, family: str | None = None):
     template_file = path / "chat_template.jinja"
     template = template_file.read_text() if template_file.exists() else tokenizer.chat_template
     cls = getattr(transformers, cls_name)
-    video = _video_processor("qwen3_vl" if "Qwen3" in cls_name else "qwen2_5_vl", image_processor.patch_size,
-                             image_processor.merge_size)
+    family = {v: k for k, v in _PROCESSOR_CLASSES.items()}.get(cls_name, family or "qwen2_5_vl")
+    video = _video_processor(family, image_processor.patch_size, image_processor.merge_size)
     return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video, chat_template=template)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -144,13 +145,9 @@ class TimeLimitCallback(TrainerCallback):
         self.stopped_at: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        import time
-
         self.t0 = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        import time
-
         if self.t0 is not None and time.monotonic() - self.t0 >= self.seconds and not control.should_training_stop:
             logger.warning("time limit of %.1f min reached at step %d: saving and stopping", self.seconds / 60,
                            state.global_step)
@@ -158,7 +155,6 @@ class TimeLimitCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
-
 
 
 def log_history_from_text(text: str) -> list[dict]:

@@ -326,8 +326,8 @@ def main(argv: list[str] | None = None):
     parser = TrlParser((ScriptArguments, GRPOConfig, PolicyConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     t0 = time.perf_counter()
-    callbacks = [TimeLimitCallback(script_args.max_train_minutes)] if script_args.max_train_minutes > 0 else []
-    trainer, run = build_trainer(script_args, training_args, model_args, callbacks=callbacks)
+    limit = TimeLimitCallback(script_args.max_train_minutes) if script_args.max_train_minutes > 0 else None
+    trainer, run = build_trainer(script_args, training_args, model_args, callbacks=[limit] if limit else [])
     result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     trainer.save_state()  # trainer_state.json: the full log history (the curves' data)
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None):
         if script_args.save_policy:
             save_policy(trainer, run, out / "policy")
         summary = {"seconds": round(time.perf_counter() - t0, 1), "global_step": trainer.state.global_step,
-                   "stopped_by_time_limit": bool(callbacks and callbacks[0].stopped_at is not None),
+                   "stopped_by_time_limit": limit is not None and limit.stopped_at is not None,
                    "num_processes": trainer.accelerator.num_processes,
                    "metrics": result.metrics, "zoom": run.stats.summary(),
                    "script_args": asdict(script_args), "model_args": asdict(model_args)}

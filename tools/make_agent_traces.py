@@ -34,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from qzoom_agent.checkpoint import atomic_write_text  # noqa: E402
+from qzoom_agent.errors import QZoomError  # noqa: E402
+
 
 @dataclass
 class TraceArgs:
@@ -300,11 +303,10 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
     coarse ones directly, and are its direct answers still right? (`direct_accuracy`: the eval's score of the
     first turn on the items answered without a tool call; run before and after the SFT, it shows whether the cold
     start cost the policy its answers, as the first GPU run's did: eval/results/rl_testbed_h100_partial.)"""
-    from rl.rewards import score_answer
-
     from trl.chat_template_utils import add_response_schema
 
     from rl.env import EnvContext, make_env_factory, tool_name
+    from rl.rewards import score_answer
 
     tok = qzoom.processor.tokenizer
     add_response_schema(qzoom.processor)
@@ -330,8 +332,8 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
         key = "needs_hr" if row["needs_hr"] else "coarse"
         counts[key][0] += 1
         counts[key][1] += int(any(c.get("function", {}).get("name") == name for c in calls))
-        text = parsed.get("content") or tok.decode(new, skip_special_tokens=True)
-        counts[key][2] += int(not calls and "<answer>" in (parsed.get("content") or tok.decode(new)))
+        text = parsed.get("content") or tok.decode(new, skip_special_tokens=True)  # `<answer>` is plain text
+        counts[key][2] += int(not calls and "<answer>" in text)
         if not calls:
             scores[key].append(score_answer(row["item"], text))
     return {k: {"items": n, "tool_call_rate": c / n if n else None, "direct_answer_rate": a / n if n else None,
@@ -385,9 +387,7 @@ def main(argv=None) -> dict:
             print(f"WARNING: the cold start cost the policy its answers: direct accuracy on coarse items "
                   f"{before:.2f} -> {after:.2f} (lower --sft_lr, fewer --sft_steps, or --sft_use_peft)")
         if 0 <= args.max_accuracy_drop < drop:
-            (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-            from qzoom_agent.errors import QZoomError
-
+            write_report(report, out)
             raise QZoomError(f"cold start refused: coarse direct accuracy fell by {drop:.2f} > --max_accuracy_drop "
                              f"{args.max_accuracy_drop} ({out / 'report.json'}); the policy was not saved")
         from qzoom_agent.aligned_positions import uninstall_aligned_positions
@@ -395,13 +395,15 @@ def main(argv=None) -> dict:
         uninstall_aligned_positions(qzoom.base)
         qzoom.save_pretrained(args.sft_output)
         report["sft"]["output"] = args.sft_output
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_report(report, out)
     return report
 
 
-if __name__ == "__main__":
-    from qzoom_agent.errors import QZoomError
+def write_report(report: dict, out: Path) -> None:
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
 
+
+if __name__ == "__main__":
     try:
         main()
     except QZoomError as e:
