@@ -4,8 +4,9 @@
 
 acc    ∈ [0, 1]   the benchmark scorer of the item (V*/HR-Bench letter, relaxed accuracy, ANLS) on the final answer
                   (`<answer>X</answer>` if present); no final answer scores 0.
-fmt    ∈ [-1, 0]  −0.5 per invalid call (malformed `<tool_call>` text, unknown tool, refused arguments), −0.5 for an
-                  answer outside `<answer></answer>`, −1 for no final answer; clipped at −1.
+fmt    ∈ [-1, 0]  −0.5 per invalid call (malformed `<tool_call>` text, unknown tool, refused arguments), −0.5
+                  for an answer outside `<answer></answer>` (unless `answer_tag` is off: policies cold-started on
+                  bare answers), −1 for no final answer; clipped at −1.
 cost   ≤ 0        −1 per zoom call on an item whose coarse view already suffices (`needs_hr` False), and −1 per
                   call beyond `free_calls` on items that need it (or whose need is unknown).
 bonus  ∈ {0, 1}   DeepEyes' conditional tool reward (anchors.md §2–§3: `1.2·[tool used ∧ acc]`), further
@@ -69,6 +70,20 @@ def final_answer(completion) -> str | None:
         return None
     text = message_text(last)
     return None if "<tool_call>" in text else text  # an unparsed call is not an answer
+
+
+def rollout_text(completion, limit: int = 400) -> str:
+    """A rollout in one line for the logs: each message's role and text, tool calls as JSON, images as [image]."""
+    if isinstance(completion, str):
+        return completion[:limit]
+    parts = []
+    for m in completion or []:
+        text = message_text(m)
+        if isinstance(m.get("content"), list):
+            text += "[image]" * sum(isinstance(b, dict) and b.get("type") == "image" for b in m["content"])
+        calls = [json.dumps(c.get("function", c), default=str) for c in m.get("tool_calls") or []]
+        parts.append(f"{m.get('role')}: {text}{' '.join(calls)}")
+    return " | ".join(parts)[:limit]
 
 
 def is_tool_error(message: dict) -> bool:
@@ -151,8 +166,8 @@ def score_rollout(completion, item, *, env=None, needs_hr=None, subset: str = ""
 
 # ------------------------------------------------------------------------------------------------ terms
 
-def format_term(s: RolloutScore) -> float:
-    penalty = 0.5 * s.invalid + (0.0 if s.tagged else 0.5 if s.answered else 1.0)
+def format_term(s: RolloutScore, answer_tag: bool = True) -> float:
+    penalty = 0.5 * s.invalid + (0.0 if s.tagged or s.answered and not answer_tag else 0.5 if s.answered else 1.0)
     return -min(1.0, penalty)
 
 
@@ -248,6 +263,7 @@ class ZoomRewards:
 
     free_calls: int = 2
     bonus_needs_hr_only: bool = True
+    answer_tag: bool = True
     guard: CollapseGuard = field(default_factory=CollapseGuard)
     sinks: list[Callable[[list[RolloutScore], dict], None]] = field(default_factory=list)
     _cache_key: Any = None
@@ -266,10 +282,10 @@ class ZoomRewards:
         scores = [score_rollout(c, it, env=e, needs_hr=nh, subset=sb, completion_ids=ci)
                   for c, it, e, nh, sb, ci in zip(completions, items, envs, needs, subsets, ids)]
         self._cache_key, self._cache = completions, scores  # holding the list: its identity is the batch's
-        self._publish(scores, kwargs)
+        self._publish(scores, kwargs, completions)
         return scores
 
-    def _publish(self, scores: list[RolloutScore], kwargs) -> None:
+    def _publish(self, scores: list[RolloutScore], kwargs, completions=()) -> None:
         stats = batch_stats(scores)
         hr = [s for s in scores if s.needs_hr is True]
         hits, n = all_reduce_sum([float(sum(s.calls > 0 for s in hr)), float(len(hr))])
@@ -281,6 +297,12 @@ class ZoomRewards:
                     log_metric(f"zoom/{k}", float(v))
         state = kwargs.get("trainer_state")
         stats["step"] = getattr(state, "global_step", None)
+        samples = []  # one rollout of a needs_hr item and one of a coarse item: what the policy actually writes
+        for want in (True, False):
+            c = next((c for c, s in zip(completions, scores) if s.needs_hr is want), None)
+            if c is not None:
+                samples.append(rollout_text(c))
+        stats["samples"] = samples
         for sink in self.sinks:
             sink(scores, stats)
 
@@ -296,7 +318,7 @@ class ZoomRewards:
     def funcs(self) -> list:
         return [
             self._make("accuracy", lambda s: s.accuracy),
-            self._make("format", format_term),
+            self._make("format", lambda s: format_term(s, self.answer_tag)),
             self._make("zoom_cost", lambda s: zoom_cost_term(s, self.free_calls)),
             self._make("tool_bonus", lambda s: bonus_term(s, self.bonus_needs_hr_only) * self.guard.scale),
         ]

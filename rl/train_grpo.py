@@ -67,6 +67,9 @@ class ScriptArguments:
     size_hint: bool = field(default=False, metadata={"help": "deepeyes env: tell the policy the image size"})
     free_calls: int = field(default=2, metadata={"help": "calls on needs_hr items before zoom cost applies"})
     bonus_needs_hr_only: bool = field(default=True, metadata={"help": "tool bonus only where the item needs it"})
+    answer_tag: bool = field(default=True, metadata={
+        "help": "format reward asks for <answer></answer> (false: a bare answer is well formed; for a policy "
+                "cold-started on bare answers, tools/make_agent_traces.py --answer_format bare)"})
     call_rate_floor: float = field(default=0.1, metadata={"help": "collapse guard floor (needs_hr call rate)"})
     scripted_policy: bool = field(default=False, metadata={"help": "force scripted tool calls (smoke runs, tests)"})
     scripted_p_zoom: float = field(default=0.6, metadata={"help": "scripted policy: first-turn zoom probability"})
@@ -265,6 +268,7 @@ def build_trainer(script_args: ScriptArguments, training_args: GRPOConfig, model
                          size_hint=script_args.size_hint)                                      # 3
     stats = ZoomStatsCallback(training_args.output_dir)
     rewards = ZoomRewards(free_calls=script_args.free_calls, bonus_needs_hr_only=script_args.bonus_needs_hr_only,
+                          answer_tag=script_args.answer_tag,
                           guard=CollapseGuard(floor=script_args.call_rate_floor), sinks=[stats.record])
     if training_args.reward_weights is None:
         training_args.reward_weights = list(DEFAULT_WEIGHTS)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from rl.rewards import (CollapseGuard, RolloutScore, ZoomRewards, batch_stats, bonus_term, final_answer,
-                        format_term, score_answer, score_rollout, zoom_cost_term)
+                        format_term, rollout_text, score_answer, score_rollout, zoom_cost_term)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,11 @@ def test_format_penalises_malformed_and_failed_calls(items):
     assert format_term(clean) == 0.0
     untagged = score_rollout(zoomed(C), item, needs_hr=True)
     assert untagged.accuracy == 1.0 and format_term(untagged) == -0.5
+    assert format_term(untagged, answer_tag=False) == 0.0  # a bare-answer policy (--answer_format bare)
     malformed = score_rollout([assistant('<tool_call>\n{"name": "zoom", "arguments": {"query": \n</tool_call>')],
                               item, needs_hr=True)
     assert (malformed.calls, malformed.invalid, malformed.answered) == (1, 1, False)
-    assert format_term(malformed) == -1.0
+    assert format_term(malformed) == -1.0 == format_term(malformed, answer_tag=False)
     failed = score_rollout([assistant(calls=[{"k": 9}]), tool("{'error': 'k must be between 1 and 3, got 9'}"),
                             assistant(f"<answer>{C}</answer>")], item, needs_hr=True)
     assert (failed.calls, failed.invalid, failed.crops) == (1, 1, 0)
@@ -102,7 +103,7 @@ def test_format_penalises_malformed_and_failed_calls(items):
                                   assistant(f"<answer>{C}</answer>")], item)
     assert unknown_tool.invalid == 1
     no_answer = score_rollout([assistant(calls=[{"query": "x"}]), tool(CROP)], item)
-    assert format_term(no_answer) == -1.0 and no_answer.accuracy == 0.0
+    assert format_term(no_answer) == -1.0 == format_term(no_answer, answer_tag=False) and no_answer.accuracy == 0.0
 
 
 def test_zoom_cost_only_where_the_coarse_view_sufficed():
@@ -172,6 +173,12 @@ def test_reward_funcs_score_each_batch_once_and_log(items):
     assert out["tool_bonus"] == [1.0, 0.0, 0.0, 0.0]
     assert len(seen) == 1 and seen[0]["step"] == 3  # one scoring per batch, however many reward functions
     assert metrics["zoom/call_rate"] == 0.5 and metrics["zoom/crop_tokens_per_item"] == 32.0
+    assert "zoom/samples" not in metrics  # text goes to the stats file, not to the trainer's metrics
+    hr, coarse = seen[0]["samples"]  # the first rollout of a needs_hr item, then of a coarse one
+    call = 'assistant: {"name": "zoom", "arguments": {"query": "the flag"}} | tool: <zoom src=0 cells=1,1,3,3>\n'
+    assert hr == call + f"z1: crop[image] | assistant: <answer>{C}</answer>"
+    assert coarse == call + f"z1: crop[image] | assistant: <answer>{A}</answer>"
+    assert rollout_text("x" * 500) == "x" * 400  # a line of the log, not the whole rollout
     funcs[0](prompts=None, completions=list(completions), completion_ids=None, **kwargs)
     assert len(seen) == 2  # a new batch (new list) is scored again
 

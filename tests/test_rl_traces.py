@@ -145,10 +145,11 @@ def test_format_check_scores_direct_answers(run):
     rows = [r for r in (SynthHRRows("mini", ["coarse"], 2_000_000, 256).row(k) for k in range(2))]
     tok = qzoom.processor.tokenizer
 
-    def answering(letter_of):
+    def answering(letter_of, tagged=True):
         def generate(input_ids=None, **kw):
             row = rows[calls.pop(0)]
-            text = f"<answer>{letter_of(json.loads(row['item']))}</answer><|im_end|>"
+            letter = letter_of(json.loads(row['item']))
+            text = (f"<answer>{letter}</answer>" if tagged else letter) + "<|im_end|>"
             new = torch.tensor([tok.encode(text, add_special_tokens=False)])
             return torch.cat([input_ids, new], dim=1)
         return generate
@@ -159,6 +160,13 @@ def test_format_check_scores_direct_answers(run):
         res = mat.format_check(qzoom, rows, mat.TraceArgs())
         assert res["coarse"]["direct_answered"] == 2 and res["coarse"]["direct_accuracy"] == want
         assert res["coarse"]["direct_answer_rate"] == 1.0 and res["coarse"]["tool_call_rate"] == 0.0
+    calls = [0, 1]  # bare letters: scored alike; a direct answer only where bare answers are the format
+    qzoom.base.generate = answering(lambda it: it["answer"], tagged=False)
+    res = mat.format_check(qzoom, rows, mat.TraceArgs())
+    assert res["coarse"]["direct_accuracy"] == 1.0 and res["coarse"]["direct_answer_rate"] == 0.0
+    calls = [0, 1]
+    res = mat.format_check(qzoom, rows, mat.TraceArgs(answer_format="bare"))
+    assert res["coarse"]["direct_accuracy"] == 1.0 and res["coarse"]["direct_answer_rate"] == 1.0
 
 
 def test_cold_start_that_costs_answers_is_refused(tmp_path, monkeypatch):
@@ -183,3 +191,30 @@ def test_cold_start_that_costs_answers_is_refused(tmp_path, monkeypatch):
                    {"needs_hr": {}, "coarse": {"direct_accuracy": 0.4}}])
     assert mat.main(argv[:-2] + ["--n", "0"])["sft"]["coarse_direct_accuracy_drop"] == pytest.approx(0.1)
     assert (tmp_path / "sft" / "qzoom_config.json").exists()
+
+
+def test_head_warm_up_moves_only_the_output_projection(run):
+    """--sft_head_steps (LP-FT): the head-only phase lowers the loss and leaves every other weight as it was, so the
+    features the policy's answers rely on are untouched until the (gentler) SFT proper."""
+    import torch
+
+    from rl.train_grpo import PolicyConfig, ScriptArguments, load_policy, match_processor_budget
+
+    out, _ = run
+    qzoom = load_policy(PolicyConfig(model_name_or_path="tiny-random"), ScriptArguments(budget_tokens=64),
+                        str(out / "lp"))
+    match_processor_budget(qzoom.processor, qzoom)
+    before = {k: v.clone() for k, v in qzoom.base.state_dict().items()}
+    args = mat.TraceArgs(sft_head_steps=6, sft_head_lr=3e-2, sft_steps=0, sft_batch=3)
+    losses = mat.sft(qzoom, mat.read_traces(out), args, log=lambda *_: None)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    changed = {k for k, v in qzoom.base.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"lm_head.weight"}
+
+
+def test_bare_answer_format(run):
+    """--answer_format bare: the final turn is the answer alone, where a policy that never saw the tags answers."""
+    item = {"answer": "C"}
+    assert mat.answer_text(item) == "<answer>C</answer>" and mat.answer_text(item, "bare") == "C"
+    with pytest.raises(mat.QZoomError, match="--answer_format must be tagged or bare"):
+        mat.answer_text(item, "boxed")

@@ -58,6 +58,9 @@ class TraceArgs:
     query: str = field(default="question", metadata={
         "help": "zoom's query in the traces: question (the item's question) | none (no argument: the tool then uses "
                 "the question; easiest for small policies)"})
+    answer_format: str = field(default="tagged", metadata={
+        "help": "tagged (`<answer>X</answer>`, the agent's prompt) | bare (`X`: the answer where a policy that never "
+                "saw the tags already answers; the testbed, whose answers the tags displace)"})
     fuse_crops: bool = field(default=True, metadata={"help": "keep the crop marker (as the RL run will)"})
     size_hint: bool = field(default=False, metadata={"help": "deepeyes: image size in the prompt (as the RL run)"})
     sft_steps: int = field(default=0, metadata={"help": "SFT optimiser steps (0: traces only)"})
@@ -65,6 +68,10 @@ class TraceArgs:
     sft_lr: float = 1e-4
     sft_batch: int = 8
     sft_use_peft: bool = False
+    sft_head_steps: int = field(default=0, metadata={
+        "help": "steps that train the output projection (lm_head) alone before the SFT proper (LP-FT: the new "
+                "format tokens start at ~28 nats, and their gradients overwrite the features the answers need)"})
+    sft_head_lr: float = 3e-3
     seed: int = 0
     device: str = "auto"
     eval_n: int = field(default=32, metadata={"help": "held-out items for the post-SFT format check"})
@@ -85,8 +92,10 @@ def box_coverage(box, evidence) -> float:
     return ix * iy / area
 
 
-def answer_text(item: dict) -> str:
-    return f"<answer>{item['answer']}</answer>"
+def answer_text(item: dict, answer_format: str = "tagged") -> str:
+    if answer_format not in ("tagged", "bare"):
+        raise QZoomError(f"--answer_format must be tagged or bare, not {answer_format!r}")
+    return f"<answer>{item['answer']}</answer>" if answer_format == "tagged" else str(item["answer"])
 
 
 def tool_call(name: str, arguments: dict) -> dict:
@@ -156,7 +165,7 @@ def make_trace(qzoom, row: dict, args: TraceArgs) -> dict:
                     "content": [{"type": "image"} if b["type"] == "image" else b for b in content]}
         messages += [tool_call(tool_name(args.tool), call), tool_msg]
         rec["crop_source"] = source
-    messages.append({"role": "assistant", "content": answer_text(item)})
+    messages.append({"role": "assistant", "content": answer_text(item, args.answer_format)})
     rec.update(messages=messages, images=images)
     return rec
 
@@ -253,11 +262,25 @@ def encode_batch(qzoom, records: list[dict], schemas: list[dict]) -> dict:
 
 
 def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
-    """Assistant-token cross-entropy over the traces; the seam places every crop on its source grid."""
+    """Assistant-token cross-entropy over the traces; the seam places every crop on its source grid.
+
+    With `--sft_head_steps` it runs as linear probing then fine-tuning (LP-FT, Kumar et al. 2022): the testbed has
+    never emitted `<answer>` or `<tool_call>` (loss ~28 nats a token), and fine-tuning everything against such a
+    head distorts the features its answers rely on (first GPU run: accuracy halved). The head alone learns the format
+    tokens first; the body then moves with small losses.
+    """
     from qzoom_agent.aligned_positions import install_aligned_positions
 
     model, tok = qzoom.base, qzoom.processor.tokenizer
     install_aligned_positions(model, tok)
+    schemas, rng, losses = tool_schemas(qzoom, args.tool), random.Random(args.seed), []
+    if args.sft_head_steps:
+        model.requires_grad_(False)
+        head = model.get_output_embeddings()
+        head.requires_grad_(True)
+        losses += _sft_loop(qzoom, model, list(head.parameters()), records, schemas, rng, args.sft_head_steps,
+                            args.sft_head_lr, args.sft_batch, log, "head")
+        model.requires_grad_(True)
     if args.sft_use_peft:
         from peft import LoraConfig, get_peft_model
 
@@ -270,15 +293,26 @@ def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
         for layer in qzoom.backbone.layers[:qzoom.config.twig_K]:
             layer.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.sft_lr, weight_decay=0.0)
+    losses += _sft_loop(qzoom, model, params, records, schemas, rng, args.sft_steps, args.sft_lr, args.sft_batch,
+                        log, "sft")
+    model.eval()
+    if args.sft_use_peft:
+        qzoom.base = model.merge_and_unload()
+    return losses
+
+
+def _sft_loop(qzoom, model, params, records, schemas, rng, steps: int, lr: float, batch_size: int, log,
+              name: str) -> list[float]:
+    """AdamW over `params` for `steps` batches (10-step warm-up, cosine decay); the per-step losses."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.sft_steps)))))
-    schemas, rng, losses = tool_schemas(qzoom, args.tool), random.Random(args.seed), []
-    device = qzoom.device
+        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    tok, device = qzoom.processor.tokenizer, qzoom.device
     use_bf16 = device.type == "cuda"
     model.train()
-    for step in range(args.sft_steps):
-        batch = rng.sample(records, min(args.sft_batch, len(records)))
+    losses = []
+    for step in range(steps):
+        batch = rng.sample(records, min(batch_size, len(records)))
         x = {k: v.to(device) for k, v in encode_batch(qzoom, batch, schemas[step % 2]).items()}
         labels = x["input_ids"].masked_fill(~assistant_mask(x["input_ids"], tok).to(device), -100)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -289,11 +323,8 @@ def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 20 == 0 or step == args.sft_steps - 1:
-            log(f"sft step {step + 1}/{args.sft_steps} loss {losses[-1]:.4f}")
-    model.eval()
-    if args.sft_use_peft:
-        qzoom.base = model.merge_and_unload()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"{name} step {step + 1}/{steps} loss {losses[-1]:.4f}")
     return losses
 
 
@@ -333,7 +364,7 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
         counts[key][0] += 1
         counts[key][1] += int(any(c.get("function", {}).get("name") == name for c in calls))
         text = parsed.get("content") or tok.decode(new, skip_special_tokens=True)  # `<answer>` is plain text
-        counts[key][2] += int(not calls and "<answer>" in text)
+        counts[key][2] += int(not calls and ("<answer>" in text or args.answer_format == "bare" and bool(text.strip())))
         if not calls:
             scores[key].append(score_answer(row["item"], text))
     return {k: {"items": n, "tool_call_rate": c / n if n else None, "direct_answer_rate": a / n if n else None,
@@ -372,12 +403,15 @@ def main(argv=None) -> dict:
                             "tool_crops": sources.count("tool"), "oracle_crops": sources.count("oracle"),
                             "seconds": round(time.perf_counter() - t0, 1)}
         print(json.dumps(report["traces"]))
-    if args.sft_steps:
+    if args.sft_steps or args.sft_head_steps:
         records = read_traces(out)
         held_out = [rows.row(args.n + 10_000 + k) for k in range(args.eval_n)]
         report["format_check_before"] = format_check(qzoom, held_out, args)
         losses = sft(qzoom, records, args)
-        report["sft"] = {"steps": args.sft_steps, "first_loss": losses[0], "last_loss": losses[-1]}
+        report["sft"] = {"steps": args.sft_steps, "head_steps": args.sft_head_steps, "first_loss": losses[0],
+                         "last_loss": losses[-1]}
+        if args.sft_head_steps:
+            report["sft"]["head_last_loss"] = losses[args.sft_head_steps - 1]
         report["format_check"] = format_check(qzoom, held_out, args)
         print(json.dumps({"before_sft": report["format_check_before"], "after_sft": report["format_check"]}))
         before, after = (report[k]["coarse"]["direct_accuracy"] for k in ("format_check_before", "format_check"))
