@@ -45,6 +45,9 @@ from eval.benchmarks.synthhr import SynthHRLoader, item_to_doc
 REWARD_NAMES = ("accuracy", "format", "zoom_cost", "tool_bonus")
 DEFAULT_WEIGHTS = (1.0, 0.2, 0.2, 0.5)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+# What is left of a tool call TRL could not parse. In the device runs (transformers 5.17) such calls reached the
+# rewards as the call's JSON without its `<tool_call>` tag and were scored as wrong answers; the JSON is the sign
+_CALL_TEXT = re.compile(r"</?tool_call>|\"(?:name|arguments)\"\s*:|^\s*\{")
 _LOADER = SynthHRLoader(items=[])
 
 
@@ -59,6 +62,11 @@ def message_text(message: dict) -> str:
     return "" if content is None else str(content)
 
 
+def looks_like_tool_call(text: str) -> bool:
+    """Text that tried to be a tool call (tags, or the call's JSON without them), not an answer."""
+    return bool(_CALL_TEXT.search(text or ""))
+
+
 def final_answer(completion) -> str | None:
     """The last assistant message's text when it ends the rollout without a tool call, else None."""
     if isinstance(completion, str):
@@ -69,7 +77,7 @@ def final_answer(completion) -> str | None:
     if last.get("role") != "assistant" or last.get("tool_calls"):
         return None
     text = message_text(last)
-    return None if "<tool_call>" in text else text  # an unparsed call is not an answer
+    return None if looks_like_tool_call(text) else text  # an unparsed call is not an answer
 
 
 def rollout_text(completion, limit: int = 400) -> str:
@@ -140,7 +148,7 @@ def score_rollout(completion, item, *, env=None, needs_hr=None, subset: str = ""
     messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
     malformed = 0
     for m in messages:
-        if m.get("role") == "assistant" and not m.get("tool_calls") and "<tool_call>" in message_text(m):
+        if m.get("role") == "assistant" and not m.get("tool_calls") and looks_like_tool_call(message_text(m)):
             malformed += 1  # TRL could not parse it: plain text, no tool ran
     tool_msgs = [m for m in messages if m.get("role") == "tool"]
     failed = sum(is_tool_error(m) for m in tool_msgs)

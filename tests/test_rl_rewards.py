@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from rl.rewards import (CollapseGuard, RolloutScore, ZoomRewards, batch_stats, bonus_term, final_answer,
-                        format_term, rollout_text, score_answer, score_rollout, zoom_cost_term)
+                        format_term, looks_like_tool_call, rollout_text, score_answer, score_rollout, zoom_cost_term)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,13 @@ def test_format_penalises_malformed_and_failed_calls(items):
                               item, needs_hr=True)
     assert (malformed.calls, malformed.invalid, malformed.answered) == (1, 1, False)
     assert format_term(malformed) == -1.0 == format_term(malformed, answer_tag=False)
+    for text in ('{"name": "zoom", "arguments": "arguments": {}}\n</tool_call>', '{"name": {}}", "arguments": {',
+                 '{" "zoom'):  # what reached the rewards on the device: the call's JSON without its tag
+        untagged_call = score_rollout([assistant(text)], item, needs_hr=True)
+        assert (untagged_call.calls, untagged_call.invalid, untagged_call.answered) == (1, 1, False), text
+        assert format_term(untagged_call, answer_tag=False) == -1.0
+    for answer in (C, f"<answer>{C}</answer>", "The flag is red."):
+        assert not looks_like_tool_call(answer)
     failed = score_rollout([assistant(calls=[{"k": 9}]), tool("{'error': 'k must be between 1 and 3, got 9'}"),
                             assistant(f"<answer>{C}</answer>")], item, needs_hr=True)
     assert (failed.calls, failed.invalid, failed.crops) == (1, 1, 0)

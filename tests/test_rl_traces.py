@@ -167,6 +167,11 @@ def test_format_check_scores_direct_answers(run):
     calls = [0, 1]
     res = mat.format_check(qzoom, rows, mat.TraceArgs(answer_format="bare"))
     assert res["coarse"]["direct_accuracy"] == 1.0 and res["coarse"]["direct_answer_rate"] == 1.0
+    calls = [0, 1]  # a call TRL cannot parse (here its JSON without the tag) is neither a call nor an answer
+    qzoom.base.generate = answering(lambda it: '{"name": "zoom", "arguments": "arguments": {}}', tagged=False)
+    res = mat.format_check(qzoom, rows, mat.TraceArgs(answer_format="bare"))
+    assert res["coarse"]["malformed_call_rate"] == 1.0 and res["coarse"]["direct_answered"] == 0
+    assert res["coarse"]["direct_accuracy"] is None and res["coarse"]["tool_call_rate"] == 0.0
 
 
 def test_cold_start_that_costs_answers_is_refused(tmp_path, monkeypatch):
@@ -218,3 +223,19 @@ def test_bare_answer_format(run):
     assert mat.answer_text(item) == "<answer>C</answer>" and mat.answer_text(item, "bare") == "C"
     with pytest.raises(mat.QZoomError, match="--answer_format must be tagged or bare"):
         mat.answer_text(item, "boxed")
+
+
+def test_sft_batches_encoded_in_workers_are_the_same_batches(run):
+    """--workers encodes SFT batches in other processes (the processor bounds a step); the draws, and so the
+    training, are the same as in-process."""
+    from rl.train_grpo import PolicyConfig, ScriptArguments, load_policy, match_processor_budget
+
+    out, _ = run
+    losses = []
+    for workers in (0, 2):
+        qzoom = load_policy(PolicyConfig(model_name_or_path="tiny-random"), ScriptArguments(budget_tokens=64),
+                            str(out / f"w{workers}"))
+        match_processor_budget(qzoom.processor, qzoom)
+        args = mat.TraceArgs(sft_head_steps=3, sft_head_lr=3e-2, sft_steps=0, sft_batch=2, workers=workers)
+        losses.append(mat.sft(qzoom, mat.read_traces(out), args, log=lambda *_: None))
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

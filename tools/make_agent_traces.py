@@ -76,7 +76,8 @@ class TraceArgs:
     device: str = "auto"
     eval_n: int = field(default=32, metadata={"help": "held-out items for the post-SFT format check"})
     cpu_threads: int | None = None
-    workers: int = field(default=0, metadata={"help": "processes rendering SynthHR rows while the model runs"})
+    workers: int = field(default=0, metadata={
+        "help": "processes rendering SynthHR rows, and encoding SFT batches, while the model runs"})
     max_accuracy_drop: float = field(default=-1.0, metadata={
         "help": "fail (exit 2, nothing saved) when the SFT lowers direct-answer accuracy on coarse items by more "
                 "than this (0.1 = 10 points); < 0: only warn"})
@@ -279,7 +280,7 @@ def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
         head = model.get_output_embeddings()
         head.requires_grad_(True)
         losses += _sft_loop(qzoom, model, list(head.parameters()), records, schemas, rng, args.sft_head_steps,
-                            args.sft_head_lr, args.sft_batch, log, "head")
+                            args.sft_head_lr, args.sft_batch, log, "head", args.workers)
         model.requires_grad_(True)
     if args.sft_use_peft:
         from peft import LoraConfig, get_peft_model
@@ -294,7 +295,7 @@ def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
             layer.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     losses += _sft_loop(qzoom, model, params, records, schemas, rng, args.sft_steps, args.sft_lr, args.sft_batch,
-                        log, "sft")
+                        log, "sft", args.workers)
     model.eval()
     if args.sft_use_peft:
         qzoom.base = model.merge_and_unload()
@@ -302,18 +303,21 @@ def sft(qzoom, records: list[dict], args: TraceArgs, log=print) -> list[float]:
 
 
 def _sft_loop(qzoom, model, params, records, schemas, rng, steps: int, lr: float, batch_size: int, log,
-              name: str) -> list[float]:
-    """AdamW over `params` for `steps` batches (10-step warm-up, cosine decay); the per-step losses."""
+              name: str, workers: int = 0) -> list[float]:
+    """AdamW over `params` for `steps` batches (10-step warm-up, cosine decay); the per-step losses.
+
+    Batches are drawn up front (same draws whatever `workers`) and encoded by `workers` processes while the model
+    trains: the processor, not the model, bounds a step of this small policy."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
     tok, device = qzoom.processor.tokenizer, qzoom.device
     use_bf16 = device.type == "cuda"
+    draws = [(step, rng.sample(range(len(records)), min(batch_size, len(records)))) for step in range(steps)]
     model.train()
     losses = []
-    for step in range(steps):
-        batch = rng.sample(records, min(batch_size, len(records)))
-        x = {k: v.to(device) for k, v in encode_batch(qzoom, batch, schemas[step % 2]).items()}
+    for step, enc in enumerate(_encoded(qzoom, records, schemas, draws, workers)):
+        x = {k: v.to(device) for k, v in enc.items()}
         labels = x["input_ids"].masked_fill(~assistant_mask(x["input_ids"], tok).to(device), -100)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(**x, labels=labels).loss
@@ -328,6 +332,21 @@ def _sft_loop(qzoom, model, params, records, schemas, rng, steps: int, lr: float
     return losses
 
 
+def _encoded(qzoom, records, schemas, draws, workers: int):
+    """`encode_batch` of each (step, record indices) draw, in order; in `workers` processes when > 0."""
+    def encode(draw):
+        step, idx = draw
+        return encode_batch(qzoom, [records[i] for i in idx], schemas[step % 2])
+
+    if workers <= 0:
+        yield from map(encode, draws)
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(draws, batch_size=None, num_workers=workers, collate_fn=encode, prefetch_factor=4,
+                          multiprocessing_context="fork")
+
+
 @torch.no_grad()
 def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int = 64) -> dict:
     """Greedy first turn on held-out rows: does the policy call its tool (validly) on needs_hr items and answer
@@ -337,13 +356,13 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
     from trl.chat_template_utils import add_response_schema
 
     from rl.env import EnvContext, make_env_factory, tool_name
-    from rl.rewards import score_answer
+    from rl.rewards import looks_like_tool_call, score_answer
 
     tok = qzoom.processor.tokenizer
     add_response_schema(qzoom.processor)
     schema, name = tool_schemas(qzoom, args.tool)[0], tool_name(args.tool)
     env = make_env_factory(EnvContext(qzoom, size_hint=args.size_hint), args.tool)()
-    counts = {"needs_hr": [0, 0, 0], "coarse": [0, 0, 0]}  # items, tool calls, direct answers
+    counts = {"needs_hr": [0, 0, 0, 0], "coarse": [0, 0, 0, 0]}  # items, tool calls, direct answers, malformed calls
     scores: dict[str, list[float]] = {"needs_hr": [], "coarse": []}  # direct (no tool call) answers
     for row in rows:
         conv = with_images(row["prompt"], row["images"])
@@ -364,13 +383,15 @@ def format_check(qzoom, rows: list[dict], args: TraceArgs, max_new_tokens: int =
         counts[key][0] += 1
         counts[key][1] += int(any(c.get("function", {}).get("name") == name for c in calls))
         text = parsed.get("content") or tok.decode(new, skip_special_tokens=True)  # `<answer>` is plain text
-        counts[key][2] += int(not calls and ("<answer>" in text or args.answer_format == "bare" and bool(text.strip())))
-        if not calls:
+        malformed = not calls and looks_like_tool_call(text)  # a call TRL cannot parse is no answer
+        counts[key][3] += int(malformed)
+        if not calls and not malformed:
+            counts[key][2] += int("<answer>" in text or args.answer_format == "bare" and bool(text.strip()))
             scores[key].append(score_answer(row["item"], text))
     return {k: {"items": n, "tool_call_rate": c / n if n else None, "direct_answer_rate": a / n if n else None,
-                "direct_answered": len(scores[k]),
+                "malformed_call_rate": m / n if n else None, "direct_answered": len(scores[k]),
                 "direct_accuracy": sum(scores[k]) / len(scores[k]) if scores[k] else None}
-            for k, (n, c, a) in counts.items()}
+            for k, (n, c, a, m) in counts.items()}
 
 
 # ------------------------------------------------------------------------------------------------ main
