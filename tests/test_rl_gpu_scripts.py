@@ -1,4 +1,5 @@
-"""rl/gpu_session.sh and rl/gpu_collect.sh: the shell side of a GPU session (syntax, and what a poll brings back)."""
+"""rl/gpu_session.sh, gpu_launch.sh and gpu_collect.sh: the shell side of a GPU session (syntax, and what a poll
+brings back)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_scripts_parse():
-    for name in ("gpu_session.sh", "gpu_collect.sh"):
+    for name in ("gpu_session.sh", "gpu_collect.sh", "gpu_launch.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "rl" / name)], check=True)
 
 
