@@ -26,7 +26,7 @@ if [ "${DRY:-0}" = 1 ]; then
 fi
 mkdir -p runs/gpu
 GPU_OURS=${GPU_OURS:-0} GPU_DEEPEYES=${GPU_DEEPEYES:-0} N_TRACES=${N_TRACES:-1000} \
-  SFT_HEAD_STEPS=${SFT_HEAD_STEPS:-60} SFT_STEPS=${SFT_STEPS:-180} RL_STEPS=${RL_STEPS:-400} \
+  SFT_HEAD_STEPS=${SFT_HEAD_STEPS:-60} SFT_STEPS=${SFT_STEPS:-300} RL_STEPS=${RL_STEPS:-400} \
   RL_MINUTES=${RL_MINUTES:-6} EVAL_LIMIT=${EVAL_LIMIT:-50} TRACE_FLAGS=${TRACE_FLAGS:-"--workers 3"} \
   setsid nohup bash rl/gpu_session.sh runs/gpu "${WHICH:-both}" > runs/gpu.log 2>&1 < /dev/null &
 while [ $(( $(date +%s) - T0 )) -lt "${POLL_UNTIL:-575}" ]; do sleep 10; grep -q "all done" runs/gpu.log && break; done

@@ -11,7 +11,8 @@
 # SFT_HEAD_STEPS / SFT_HEAD_LR (100, 3e-3: the cold start trains the output projection alone first, LP-FT) and
 # SFT_LR (1e-4, the SFT proper that follows), ANSWER_FORMAT (bare: the testbed answers a bare letter; its configs
 # set answer_tag: false to match), FALLBACK_SFT (flags of a second cold start on the same traces when the guard refuses
-# the first: LoRA, which kept the answers in the CPU check; empty: none),
+# the first: LoRA, which kept the answers in the CPU check; empty: none), MAX_MALFORMED / SFT_ROUNDS (0.1, 3: more
+# rounds of SFT_STEPS while over a tenth of needs_hr items get a malformed call; run 2 stopped at three in four),
 # RL_FLAGS / TRACE_FLAGS (extra flags, e.g. a CPU dry run:
 #   MODEL=tiny-random N_TRACES=4 SFT_HEAD_STEPS=2 SFT_STEPS=2 RL_STEPS=1 EVAL_LIMIT=1 BUDGET=64 TRACE_FLAGS="--needs_hr_budget 256" \
 #   RL_FLAGS="--use_cpu true --bf16 false --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \
@@ -37,6 +38,8 @@ SFT_HEAD_STEPS=${SFT_HEAD_STEPS:-100}
 SFT_HEAD_LR=${SFT_HEAD_LR:-3e-3}
 SFT_LR=${SFT_LR:-1e-4}
 ANSWER_FORMAT=${ANSWER_FORMAT:-bare}
+MAX_MALFORMED=${MAX_MALFORMED:-0.1}
+SFT_ROUNDS=${SFT_ROUNDS:-3}
 FALLBACK_SFT=${FALLBACK_SFT-"--sft_use_peft true --sft_lr 1e-4 --sft_steps $SFT_STEPS --sft_head_steps $SFT_HEAD_STEPS"}
 RL_FLAGS=${RL_FLAGS:-}
 TRACE_FLAGS=${TRACE_FLAGS:-}
@@ -50,7 +53,8 @@ agent() {  # agent NAME GPU CONFIG TRACE_FLAGS EVAL_FLAGS
   echo "[$(date +%T)] $name: traces + SFT"
   local cold=(tools/make_agent_traces.py --model "$MODEL" --out "$dir/traces" --sft_batch 16
               --sft_output "$dir/sft_policy" --budget_tokens "$BUDGET" --n_candidates "$LEVEL"
-              --subsets "$TRAIN_SUBSETS" --eval_n 96 --max_accuracy_drop "$MAX_ACC_DROP")
+              --subsets "$TRAIN_SUBSETS" --eval_n 96 --max_accuracy_drop "$MAX_ACC_DROP"
+              --max_malformed_rate "$MAX_MALFORMED" --sft_rounds "$SFT_ROUNDS")
   CUDA_VISIBLE_DEVICES=$gpu $PY "${cold[@]}" --n "$N_TRACES" --sft_steps "$SFT_STEPS" \
       --sft_head_steps "$SFT_HEAD_STEPS" --sft_head_lr "$SFT_HEAD_LR" --sft_lr "$SFT_LR" \
       $trace_flags $TRACE_FLAGS > "$dir/sft.log" 2>&1

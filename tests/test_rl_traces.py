@@ -239,3 +239,26 @@ def test_sft_batches_encoded_in_workers_are_the_same_batches(run):
         args = mat.TraceArgs(sft_head_steps=3, sft_head_lr=3e-2, sft_steps=0, sft_batch=2, workers=workers)
         losses.append(mat.sft(qzoom, mat.read_traces(out), args, log=lambda *_: None))
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_sft_rounds_continue_until_the_call_format_is_learned(tmp_path, monkeypatch):
+    """--max_malformed_rate / --sft_rounds: more SFT (without the head warm-up) while too many needs_hr items get a
+    malformed call, at most --sft_rounds rounds; the report keeps each round and whether the format was learned."""
+    def check(rate):
+        return {"needs_hr": {"malformed_call_rate": rate, "direct_accuracy": None},
+                "coarse": {"direct_accuracy": 0.5}}
+
+    out = tmp_path / "t"
+    argv = ["--model", "tiny-random", "--n", "2", "--out", str(out), "--budget_tokens", "64", "--needs_hr_budget",
+            "256", "--subsets", "coarse", "--sft_steps", "2", "--sft_head_steps", "1", "--sft_output",
+            str(tmp_path / "sft"), "--eval_n", "1", "--max_malformed_rate", "0.1", "--sft_rounds", "3"]
+    cases = (([0.0, 0.8, 0.4, 0.05], 3, True), ([0.0, 0.8, 0.6, 0.5], 3, False), ([0.0, 0.05], 1, True))
+    for i, (rates, want_rounds, learned) in enumerate(cases):  # rates: before the SFT, then after each round
+        checks, calls = iter(check(r) for r in rates), []
+        monkeypatch.setattr(mat, "format_check", lambda *a, **k: next(checks))
+        monkeypatch.setattr(mat, "sft", lambda q, recs, args, **k: calls.append(args.sft_head_steps) or [3.0, 2.0])
+        report = mat.main(argv if i == 0 else argv[:3] + ["0"] + argv[4:])  # traces once, then reused
+        assert [r["malformed"] for r in report["sft"]["rounds"]] == rates[1:]
+        assert len(report["sft"]["rounds"]) == want_rounds and report["sft"]["format_learned"] is learned
+        assert calls == [1] + [0] * (want_rounds - 1)  # the head warm-up runs once
+        assert report["format_check"]["needs_hr"]["malformed_call_rate"] == rates[-1]

@@ -27,7 +27,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,6 +78,11 @@ class TraceArgs:
     cpu_threads: int | None = None
     workers: int = field(default=0, metadata={
         "help": "processes rendering SynthHR rows, and encoding SFT batches, while the model runs"})
+    max_malformed_rate: float = field(default=-1.0, metadata={
+        "help": "after the SFT, run another round of --sft_steps while the format check's malformed_call_rate on "
+                "needs_hr items is above this (second GPU run: three calls in four malformed after 180 steps); "
+                "< 0: off"})
+    sft_rounds: int = field(default=1, metadata={"help": "at most this many SFT rounds (each a fresh schedule)"})
     max_accuracy_drop: float = field(default=-1.0, metadata={
         "help": "fail (exit 2, nothing saved) when the SFT lowers direct-answer accuracy on coarse items by more "
                 "than this (0.1 = 10 points); < 0: only warn"})
@@ -429,11 +434,24 @@ def main(argv=None) -> dict:
         held_out = [rows.row(args.n + 10_000 + k) for k in range(args.eval_n)]
         report["format_check_before"] = format_check(qzoom, held_out, args)
         losses = sft(qzoom, records, args)
+        check = format_check(qzoom, held_out, args)
+        rounds = [{"steps": len(losses), "last_loss": losses[-1], "malformed": malformed_rate(check)}]
+        while 0 <= args.max_malformed_rate < rounds[-1]["malformed"] and len(rounds) < args.sft_rounds:
+            print(f"SFT round {len(rounds)}: {rounds[-1]['malformed']:.2f} of needs_hr items got a malformed call "
+                  f"> --max_malformed_rate {args.max_malformed_rate}: another {args.sft_steps} steps")
+            more = sft(qzoom, records, replace(args, sft_head_steps=0, seed=args.seed + len(rounds)))
+            losses += more
+            check = format_check(qzoom, held_out, args)
+            rounds.append({"steps": len(more), "last_loss": more[-1], "malformed": malformed_rate(check)})
         report["sft"] = {"steps": args.sft_steps, "head_steps": args.sft_head_steps, "first_loss": losses[0],
-                         "last_loss": losses[-1]}
+                         "last_loss": losses[-1], "rounds": rounds}
         if args.sft_head_steps:
             report["sft"]["head_last_loss"] = losses[args.sft_head_steps - 1]
-        report["format_check"] = format_check(qzoom, held_out, args)
+        if 0 <= args.max_malformed_rate < rounds[-1]["malformed"]:
+            print(f"WARNING: the call format is not learned: {rounds[-1]['malformed']:.2f} of needs_hr items got a "
+                  f"malformed call after {len(rounds)} round(s) (more --sft_steps / --sft_rounds)")
+        report["sft"]["format_learned"] = not 0 <= args.max_malformed_rate < rounds[-1]["malformed"]
+        report["format_check"] = check
         print(json.dumps({"before_sft": report["format_check_before"], "after_sft": report["format_check"]}))
         before, after = (report[k]["coarse"]["direct_accuracy"] for k in ("format_check_before", "format_check"))
         drop = before - after if before is not None and after is not None else 0.0
@@ -452,6 +470,11 @@ def main(argv=None) -> dict:
         report["sft"]["output"] = args.sft_output
     write_report(report, out)
     return report
+
+
+def malformed_rate(check: dict) -> float:
+    """Share of needs_hr items whose first turn was a tool call TRL cannot parse (0 when there were none)."""
+    return check["needs_hr"].get("malformed_call_rate") or 0.0
 
 
 def write_report(report: dict, out: Path) -> None:
