@@ -118,6 +118,7 @@ class RolloutScore:
     item_id: str = ""
     completion_tokens: int = 0     # tokens after the prompt: the policy's text plus tool responses (crops included)
     tool_seconds: float = 0.0
+    text: str = ""                 # the rollout in one line (`rollout_text`): eval records show what was written
 
     @property
     def zoomed(self) -> bool:
@@ -169,6 +170,7 @@ def score_rollout(completion, item, *, env=None, needs_hr=None, subset: str = ""
     s.accuracy = score_answer(item, text) if s.answered and item is not None else 0.0
     if completion_ids is not None:
         s.completion_tokens = len(completion_ids)
+    s.text = rollout_text(completion)
     return s
 
 

@@ -21,6 +21,7 @@ def test_evaluate_and_compare(tmp_path):
     assert sorted(r["item_id"] for r in records) == sorted(
         f"synthhr-mini-test-{s}-{i:05d}" for s in ("attr-cue", "coarse") for i in range(2))
     assert all(r["subset"] == "coarse" and r["needs_hr"] is False for r in records if "coarse" in r["item_id"])
+    assert all(r["text"].startswith("assistant: ") for r in records)  # what the policy wrote, for the reader
     saved = json.loads((out / "summary.json").read_text())
     assert saved["split"] == "test" and saved["summary"]["overall"]["seconds_per_item"] > 0
     (tmp_path / "after").mkdir()
