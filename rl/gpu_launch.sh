@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One self-sufficient device call (issue #7, run 2): a machine left idle for 30 s is gone, so the call that starts
 # the pipeline carries everything it needs in CARRY (default runs/carry, an ignored folder, ≤ 64 MiB with the tree):
-#   CARRY/qzoom.tar.xz   tar cf - -C qzoom_agent/testbed qzoom | xz -9e > runs/carry/qzoom.tar.xz   (42.5 MB)
-#   CARRY/whl/*.whl      rl/gpu_wheels.txt without transformers (the device's 5.17 works)
+#   CARRY/qzoom.tar.xz   the shipped heads, xz (57.7 -> 42.5 MB)      } both built by `bash rl/pack_carry.sh`
+#   CARRY/whl/*.whl      rl/gpu_wheels.txt without transformers      } (the device's transformers 5.17 works)
+# The tracked weights (107 MiB) must stay out of the call's tree: untrack them for the call and restore after
+# (rl/README.md, "What the first GPU run taught").
 # It installs, unpacks, optionally dry-runs the pipeline on tiny-random (DRY=1), launches rl/gpu_session.sh detached
 # (WHICH: ours | deepeyes | both; knobs pass through the environment), and polls until POLL_UNTIL seconds.
 #   run(command="WHICH=ours RL_MINUTES=5 bash rl/gpu_launch.sh", carry=["runs/carry"])

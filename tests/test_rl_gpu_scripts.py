@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_scripts_parse():
-    for name in ("gpu_session.sh", "gpu_collect.sh", "gpu_launch.sh"):
+    for name in ("gpu_session.sh", "gpu_collect.sh", "gpu_launch.sh", "pack_carry.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "rl" / name)], check=True)
 
 
