@@ -45,8 +45,8 @@ from eval.benchmarks.synthhr import SynthHRLoader, item_to_doc
 REWARD_NAMES = ("accuracy", "format", "zoom_cost", "tool_bonus")
 DEFAULT_WEIGHTS = (1.0, 0.2, 0.2, 0.5)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-# What is left of a tool call TRL could not parse. In the device runs (transformers 5.17) such calls reached the
-# rewards as the call's JSON without its `<tool_call>` tag and were scored as wrong answers; the JSON is the sign
+# A tool call TRL could not parse, left as text. The testbed policy often wrote the call's JSON without its opening
+# `<tool_call>` (second GPU run); looking for the tag alone scored those as wrong answers, so the JSON is a sign too
 _CALL_TEXT = re.compile(r"</?tool_call>|\"(?:name|arguments)\"\s*:|^\s*\{")
 _LOADER = SynthHRLoader(items=[])
 

@@ -96,7 +96,7 @@ def test_format_penalises_malformed_and_failed_calls(items):
     assert (malformed.calls, malformed.invalid, malformed.answered) == (1, 1, False)
     assert format_term(malformed) == -1.0 == format_term(malformed, answer_tag=False)
     for text in ('{"name": "zoom", "arguments": "arguments": {}}\n</tool_call>', '{"name": {}}", "arguments": {',
-                 '{" "zoom'):  # what reached the rewards on the device: the call's JSON without its tag
+                 '{" "zoom'):  # what the policy wrote on the device: the call's JSON without its tag
         untagged_call = score_rollout([assistant(text)], item, needs_hr=True)
         assert (untagged_call.calls, untagged_call.invalid, untagged_call.answered) == (1, 1, False), text
         assert format_term(untagged_call, answer_tag=False) == -1.0
