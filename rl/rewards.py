@@ -292,10 +292,10 @@ class ZoomRewards:
         scores = [score_rollout(c, it, env=e, needs_hr=nh, subset=sb, completion_ids=ci)
                   for c, it, e, nh, sb, ci in zip(completions, items, envs, needs, subsets, ids)]
         self._cache_key, self._cache = completions, scores  # holding the list: its identity is the batch's
-        self._publish(scores, kwargs, completions)
+        self._publish(scores, kwargs)
         return scores
 
-    def _publish(self, scores: list[RolloutScore], kwargs, completions=()) -> None:
+    def _publish(self, scores: list[RolloutScore], kwargs) -> None:
         stats = batch_stats(scores)
         hr = [s for s in scores if s.needs_hr is True]
         hits, n = all_reduce_sum([float(sum(s.calls > 0 for s in hr)), float(len(hr))])
@@ -307,12 +307,9 @@ class ZoomRewards:
                     log_metric(f"zoom/{k}", float(v))
         state = kwargs.get("trainer_state")
         stats["step"] = getattr(state, "global_step", None)
-        samples = []  # one rollout of a needs_hr item and one of a coarse item: what the policy actually writes
-        for want in (True, False):
-            c = next((c for c, s in zip(completions, scores) if s.needs_hr is want), None)
-            if c is not None:
-                samples.append(rollout_text(c))
-        stats["samples"] = samples
+        # one rollout of a needs_hr item and one of a coarse item: what the policy actually writes
+        firsts = (next((s for s in scores if s.needs_hr is want), None) for want in (True, False))
+        stats["samples"] = [s.text for s in firsts if s is not None]
         for sink in self.sinks:
             sink(scores, stats)
 

@@ -223,6 +223,9 @@ def test_bare_answer_format(run):
     assert mat.answer_text(item) == "<answer>C</answer>" and mat.answer_text(item, "bare") == "C"
     with pytest.raises(mat.QZoomError, match="--answer_format must be tagged or bare"):
         mat.answer_text(item, "boxed")
+    with pytest.raises(mat.QZoomError, match="--answer_format must be tagged or bare, not 'boxed'"):
+        mat.main(["--model", "tiny-random", "--n", "0", "--out", str(run[0] / "x"), "--answer_format", "boxed"])
+    assert not (run[0] / "x").exists()  # refused before anything is loaded or written
 
 
 def test_sft_batches_encoded_in_workers_are_the_same_batches(run):

@@ -98,9 +98,14 @@ def box_coverage(box, evidence) -> float:
     return ix * iy / area
 
 
-def answer_text(item: dict, answer_format: str = "tagged") -> str:
+def check_answer_format(answer_format: str) -> str:
     if answer_format not in ("tagged", "bare"):
         raise QZoomError(f"--answer_format must be tagged or bare, not {answer_format!r}")
+    return answer_format
+
+
+def answer_text(item: dict, answer_format: str = "tagged") -> str:
+    check_answer_format(answer_format)
     return f"<answer>{item['answer']}</answer>" if answer_format == "tagged" else str(item["answer"])
 
 
@@ -407,6 +412,7 @@ def main(argv=None) -> dict:
     from rl.train_grpo import PolicyConfig, ScriptArguments, load_policy, match_processor_budget
 
     args = parse_args(TraceArgs, argv=argv)
+    check_answer_format(args.answer_format)  # also used by the format check of a run with --n 0
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     out = Path(args.out)
@@ -436,7 +442,11 @@ def main(argv=None) -> dict:
         losses = sft(qzoom, records, args)
         check = format_check(qzoom, held_out, args)
         rounds = [{"steps": len(losses), "last_loss": losses[-1], "malformed": malformed_rate(check)}]
-        while 0 <= args.max_malformed_rate < rounds[-1]["malformed"] and len(rounds) < args.sft_rounds:
+
+        def too_malformed() -> bool:
+            return 0 <= args.max_malformed_rate < rounds[-1]["malformed"]
+
+        while too_malformed() and len(rounds) < args.sft_rounds:
             print(f"SFT round {len(rounds)}: {rounds[-1]['malformed']:.2f} of needs_hr items got a malformed call "
                   f"> --max_malformed_rate {args.max_malformed_rate}: another {args.sft_steps} steps")
             more = sft(qzoom, records, replace(args, sft_head_steps=0, seed=args.seed + len(rounds)))
@@ -447,10 +457,10 @@ def main(argv=None) -> dict:
                          "last_loss": losses[-1], "rounds": rounds}
         if args.sft_head_steps:
             report["sft"]["head_last_loss"] = losses[args.sft_head_steps - 1]
-        if 0 <= args.max_malformed_rate < rounds[-1]["malformed"]:
+        if too_malformed():
             print(f"WARNING: the call format is not learned: {rounds[-1]['malformed']:.2f} of needs_hr items got a "
                   f"malformed call after {len(rounds)} round(s) (more --sft_steps / --sft_rounds)")
-        report["sft"]["format_learned"] = not 0 <= args.max_malformed_rate < rounds[-1]["malformed"]
+        report["sft"]["format_learned"] = not too_malformed()
         report["format_check"] = check
         print(json.dumps({"before_sft": report["format_check_before"], "after_sft": report["format_check"]}))
         before, after = (report[k]["coarse"]["direct_accuracy"] for k in ("format_check_before", "format_check"))
