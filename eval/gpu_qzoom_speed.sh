@@ -16,12 +16,12 @@ for pass in 1 2; do
     --methods "$METHODS" --batch_size 32 --device cuda --out "runs/speed$pass" > "runs/speed$pass.log" 2>&1
   echo "pass $pass rc $?"; tail -n 3 "runs/speed$pass.log"
 done
-python3 eval/qzoom_bars.py runs/speed2/records.jsonl --subsets attr-cue,fsp-4k --summary runs/speed2/summary.json \
+python3 eval/qzoom_bars.py runs/speed2/records.jsonl --subsets attr-cue,fsp-4k --summary runs/speed2/report/summary.json \
   --out "$OUT/speed_bars.json"
 python3 - <<'PY'
 import json
 for p in (1, 2):
-    s = json.load(open(f"runs/speed{p}/summary.json"))["runs"]
+    s = json.load(open(f"runs/speed{p}/report/summary.json"))["runs"]
     print(p, {k: round(v.get("samples_per_s") or 0, 2) for k, v in s.items()})
 PY
-for p in 1 2; do mkdir -p "$OUT/speed$p"; cp runs/speed$p/*.json runs/speed$p/*.md runs/speed$p.log "$OUT/speed$p/" 2>/dev/null; done
+for p in 1 2; do mkdir -p "$OUT/speed$p"; cp runs/speed$p/report/summary.json runs/speed$p/report/report.md runs/speed$p.log "$OUT/speed$p/" 2>/dev/null; done
