@@ -8,7 +8,7 @@
 # It installs, unpacks, optionally dry-runs the pipeline on tiny-random (DRY=1), launches rl/gpu_session.sh detached
 # (WHICH: ours | deepeyes | both; knobs pass through the environment), and polls until POLL_UNTIL seconds.
 #   run(command="WHICH=ours RL_MINUTES=5 bash rl/gpu_launch.sh", carry=["runs/carry"])
-# Later calls poll: the loop at the end, then `bash rl/gpu_collect.sh runs/gpu $OUT`.
+# Later calls poll: `bash rl/gpu_poll.sh` (exits 3 at once if the machine is a fresh one: the run is gone).
 set -u
 T0=$(date +%s)
 CARRY=${CARRY:-runs/carry}

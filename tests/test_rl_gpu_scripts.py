@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_scripts_parse():
-    for name in ("gpu_session.sh", "gpu_collect.sh", "gpu_launch.sh", "pack_carry.sh"):
+    for name in ("gpu_session.sh", "gpu_collect.sh", "gpu_launch.sh", "gpu_poll.sh", "pack_carry.sh"):
         subprocess.run(["bash", "-n", str(ROOT / "rl" / name)], check=True)
 
 
@@ -36,3 +36,18 @@ def test_collect_brings_back_small_outputs_only(tmp_path):
     missing = subprocess.run(["bash", str(ROOT / "rl" / "gpu_collect.sh"), str(tmp_path / "none"), str(out)],
                              capture_output=True, text=True)
     assert missing.returncode == 0 and "no " in missing.stdout
+
+
+def test_poll_stops_at_once_on_a_bare_machine_and_collects_a_finished_run(tmp_path):
+    poll = ["bash", str(ROOT / "rl" / "gpu_poll.sh"), "runs/gpu", str(tmp_path / "out")]
+    bare = subprocess.run(poll, cwd=tmp_path, capture_output=True, text=True, timeout=20,
+                          env={"PATH": "/usr/bin:/bin", "POLL_UNTIL": "600"})
+    assert bare.returncode == 3 and "fresh machine" in bare.stdout
+    (tmp_path / "runs" / "gpu" / "ours").mkdir(parents=True)
+    (tmp_path / "runs" / "gpu" / "ours" / "rl.log").write_text("log")
+    (tmp_path / "runs" / "gpu.log").write_text("[12:00:00] ours: done\n[12:00:01] all done\n")
+    done = subprocess.run(poll, cwd=tmp_path, capture_output=True, text=True, timeout=20,
+                          env={"PATH": "/usr/bin:/bin", "POLL_UNTIL": "600"})
+    assert done.returncode == 0 and "all done" in done.stdout
+    with tarfile.open(tmp_path / "out" / "gpu_small.tgz") as tar:
+        assert "ours/rl.log" in {n.lstrip("./") for n in tar.getnames()}
