@@ -274,3 +274,15 @@ def test_tool_end_to_end_on_cpu(tmp_path):
     assert row["question"] == synthhr_target(item)[0] != item["question"]
     bare = mpl.main(argv[:-4] + ["--out", str(tmp_path / "bare.jsonl"), "--prompt", "question", "--subsets", "attr-cue"])
     assert bare["rows"] == 1 and pl.read_labels(tmp_path / "bare.jsonl")[0]["question"] == item["question"]
+
+
+def test_head_choice_warning_flags_heads_that_do_not_agree():
+    def ranked(agreements):
+        return [dict(layer=i, head=0, score=1.0, peakiness=0.5, agreement=a) for i, a in enumerate(agreements)]
+
+    # the top-4 agreements of two real runs (sixth session): fsp-4k alone (labels' FG precision 0.07), and
+    # attr-cue + fsp-4k (0.95-0.99); the fifth head never counts with n=4
+    bad = pl.head_choice_warning(ranked([0.0, 0.4, 0.4, 0.0, 0.9]), n=4)
+    assert bad is not None and "0.20" in bad and "--head_n" in bad
+    assert pl.head_choice_warning(ranked([0.4875, 0.4875, 0.5375, 0.4875, 0.0]), n=4) is None
+    assert pl.head_choice_warning([], n=4) is None

@@ -185,6 +185,7 @@ def markdown(report: dict) -> str:
              f"model `{report['args']['model']}`, split `{report['args']['split']}`, budget {report['args']['budget']}"
              f", square pad {report['args']['square_pad']}, query `{report['args']['query']}`", "",
              "Chosen heads (layer:head, GT-free): " + ", ".join(f"{l}:{h}" for l, h in report["heads"]["chosen"]),
+             *(["", f"**Warning:** {report['heads']['warning']}"] if report["heads"].get("warning") else []),
              "", "| subset | n | ignored | FG precision | FG recall | FG-box IoU | mean FG cells |",
              "|---|---|---|---|---|---|---|"]
     for sub, q in report["quality"]["labels"].items():
@@ -219,12 +220,15 @@ def main(argv=None) -> dict:
     qzoom.eval()
     ranked, heads = select_heads(qzoom, args)
     print(json.dumps({"chosen_heads": heads, "top": ranked[:args.n_heads]}))
+    weak = pl.head_choice_warning(ranked, args.n_heads)
+    if weak:
+        print(f"WARNING: {weak}", file=sys.stderr)
     writer = pl.LabelWriter(args.out)
     n_new, hits = label_items(qzoom, args, heads, params, writer)
     path = writer.close()
     rows = pl.read_labels(path)
     report = {"args": asdict(args), "denoise": asdict(params), "device": str(qzoom.device),
-              "heads": {"chosen": heads, "ranked": ranked}, "rows": len(rows), "new_rows": n_new,
+              "heads": {"chosen": heads, "ranked": ranked, "warning": weak}, "rows": len(rows), "new_rows": n_new,
               "quality": quality_report(qzoom, args, rows, hits, heads),
               "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(str(path) + ".quality.json", json.dumps(report, indent=1))

@@ -182,6 +182,24 @@ def choose_heads(ranked: list[dict], n: int = 4) -> list[tuple[int, int]]:
     return [(r["layer"], r["head"]) for r in ranked[:n]]
 
 
+def head_choice_warning(ranked: list[dict], n: int = 4, min_agreement: float = 0.3) -> str | None:
+    """A message when the top `n` heads of a `rank_heads` list agree too little with the other layers to trust.
+
+    GT-free, like the ranking. On the testbed (eval/results/qzoom_heads_testbed.md, sixth session) the chosen heads'
+    mean agreement was 0.8 on attr-cue and 0.5 on attr-cue + fsp-4k, whose labels had an FG precision of 0.95-0.99.
+    On 4 fsp-4k items alone it was 0.2, and the labels' FG precision fell to 0.07.
+    """
+    top = ranked[:n]
+    if not top:
+        return None
+    mean = sum(r["agreement"] for r in top) / len(top)
+    if mean >= min_agreement:
+        return None
+    return (f"the chosen teacher heads agree with the other layers on {mean:.2f} of the head-selection items "
+            f"(< {min_agreement}): the choice is likely noise. Use more head-selection items (--head_n) or more "
+            f"subsets (--subsets), and check the labels' quality before training on them")
+
+
 def pointing_hits(head_hw: torch.Tensor, gt_box_cells) -> list[bool]:
     """Per head (n, H, W): is its argmax cell inside the GT box? (reporting only)"""
     n, H, W = head_hw.shape
