@@ -6,7 +6,8 @@
 # The tracked weights (107 MiB) must stay out of the call's tree: untrack them for the call and restore after
 # (rl/README.md, "What the first GPU run taught").
 # It installs, unpacks, optionally dry-runs the pipeline on tiny-random (DRY=1), launches rl/gpu_session.sh detached
-# (WHICH: ours | deepeyes | both; knobs pass through the environment), and polls until POLL_UNTIL seconds.
+# (WHICH: ours | deepeyes | both; knobs pass through the environment), and polls (rl/gpu_poll.sh) until
+# POLL_UNTIL seconds after its start.
 #   run(command="WHICH=ours RL_MINUTES=5 bash rl/gpu_launch.sh", carry=["runs/carry"])
 # Later calls poll: `bash rl/gpu_poll.sh` (exits 3 at once if the machine is a fresh one: the run is gone).
 set -u
@@ -26,12 +27,10 @@ if [ "${DRY:-0}" = 1 ]; then
   cat /tmp/dry.log
   grep -q "ours: done" /tmp/dry.log || { tail -n 30 /tmp/dry/ours/*.log; exit 1; }
 fi
-mkdir -p runs/gpu
+mkdir -p runs/gpu && : > runs/gpu.log  # exists before the first poll looks for it
 GPU_OURS=${GPU_OURS:-0} GPU_DEEPEYES=${GPU_DEEPEYES:-0} N_TRACES=${N_TRACES:-1000} \
   SFT_HEAD_STEPS=${SFT_HEAD_STEPS:-60} SFT_STEPS=${SFT_STEPS:-300} RL_STEPS=${RL_STEPS:-400} \
   RL_MINUTES=${RL_MINUTES:-6} EVAL_LIMIT=${EVAL_LIMIT:-50} TRACE_FLAGS=${TRACE_FLAGS:-"--workers 3"} \
   setsid nohup bash rl/gpu_session.sh runs/gpu "${WHICH:-both}" > runs/gpu.log 2>&1 < /dev/null &
-while [ $(( $(date +%s) - T0 )) -lt "${POLL_UNTIL:-575}" ]; do sleep 10; grep -q "all done" runs/gpu.log && break; done
-cat runs/gpu.log
+POLL_UNTIL=$(( ${POLL_UNTIL:-575} - ($(date +%s) - T0) )) bash rl/gpu_poll.sh runs/gpu "$OUT"
 for f in runs/gpu/*/sft.log; do echo "== $f"; grep -v Loading "$f" | tail -n 4 | cut -c1-1500; done
-bash rl/gpu_collect.sh runs/gpu "$OUT" > /dev/null
